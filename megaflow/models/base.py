@@ -1,0 +1,172 @@
+"""The model adapter protocol: everything family-specific behind one small interface.
+
+A family (Wan, HunyuanVideo, ...) subclasses `ModelAdapter` and implements loading, prompt
+encoding, one transformer evaluation with classifier-free guidance, and VAE decoding. The
+training plumbing shared by all families (LoRA via peft, full fine-tuning, the KL reference
+network, saving trainable weights) lives here.
+"""
+from __future__ import annotations
+
+import abc
+import contextlib
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Iterator, Sequence
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Conditioning:
+    """Text (and, for I2V, image) conditioning of a batch of samples.
+
+    `embeds`: `[B, L, D]` prompt embeddings; `negative`: `[B, L, D]` negative-prompt embeddings
+    for classifier-free guidance (None: no CFG); `extra`: family-specific tensors with a leading
+    batch dimension (for example I2V image latents).
+    """
+
+    embeds: torch.Tensor
+    negative: torch.Tensor | None = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.embeds.shape[0]
+
+    def select(self, index: torch.Tensor | Sequence[int] | slice) -> "Conditioning":
+        """The conditioning of a subset of samples (index along the batch dimension)."""
+        if not isinstance(index, slice):
+            index = torch.as_tensor(index, dtype=torch.long, device=self.embeds.device)
+        return Conditioning(
+            embeds=self.embeds[index],
+            negative=None if self.negative is None else self.negative[index],
+            extra={k: t[index] for k, t in self.extra.items()},
+        )
+
+
+class ModelAdapter(abc.ABC):
+    """One model family. Subclasses set `family` and implement the abstract methods."""
+
+    family: ClassVar[str]
+    #: Names of transformer submodules that LoRA targets by default.
+    default_lora_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
+
+    def __init__(self, transformer: nn.Module, *, device: torch.device, dtype: torch.dtype) -> None:
+        self.transformer = transformer
+        self.device = device
+        self.dtype = dtype
+        self.lora_config: Any = None
+        self._reference: nn.Module | None = None
+
+    # ---- family-specific ---------------------------------------------------------------
+    @classmethod
+    @abc.abstractmethod
+    def from_pretrained(
+        cls, path: str | Path, *, dtype: torch.dtype, device: torch.device | str,
+        transformer_dtype: torch.dtype | None = None,
+    ) -> "ModelAdapter":
+        """Load every component from a local diffusers-format folder.
+
+        `dtype` is used for the frozen parts (VAE, text encoders); `transformer_dtype`
+        (default `dtype`) for the transformer. Raises `ModelLoadError` naming a missing
+        component and how to provide it.
+        """
+
+    @abc.abstractmethod
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Prompt embeddings `[B, L, D]` in the transformer's conditioning format."""
+
+    @abc.abstractmethod
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """`(C, F, H, W)` of the latent of a video of `frames × height × width` pixels."""
+
+    @abc.abstractmethod
+    def forward_transformer(self, x: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor,
+                            extra: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One raw transformer call: `x [B, C, F, H, W]`, `timestep [B]` (= 1000·σ),
+        `embeds [B, L, D]` → velocity `[B, C, F, H, W]`."""
+
+    @abc.abstractmethod
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents `[B, C, F, H, W]` → videos `float [B, F, 3, H, W]` in [0, 1]."""
+
+    @property
+    @abc.abstractmethod
+    def block_classes(self) -> tuple[type[nn.Module], ...]:
+        """Transformer block classes (activation checkpointing and ZeRO-3 leaf modules)."""
+
+    # ---- shared ------------------------------------------------------------------------
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning,
+                 guidance_scale: float = 1.0) -> torch.Tensor:
+        """The guided velocity `v = v_u + g·(v_c − v_u)`: `x [B, C, F, H, W]`, `sigma [B]`.
+
+        With CFG the unconditional and conditional halves run as one batch of `2B`, so a
+        sample's result depends only on the batch shape, never on how it is split.
+        """
+        timestep = (sigma.to(torch.float32) * 1000.0).to(x.device)
+        xin = x.to(self.transformer_dtype)
+        if guidance_scale > 1.0 and cond.negative is not None:
+            both = self.forward_transformer(
+                torch.cat([xin, xin]), torch.cat([timestep, timestep]),
+                torch.cat([cond.negative, cond.embeds]),
+                {k: torch.cat([t, t]) for k, t in cond.extra.items()},
+            ).float()
+            v_uncond, v_cond = both.chunk(2)
+            return v_uncond + guidance_scale * (v_cond - v_uncond)
+        return self.forward_transformer(xin, timestep, cond.embeds, cond.extra).float()
+
+    @property
+    def transformer_dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+    def apply_lora(self, rank: int, alpha: float, targets: Sequence[str] | None = None) -> None:
+        """Freeze the transformer and add trainable LoRA adapters (peft) on `targets`."""
+        from peft import LoraConfig
+
+        self.transformer.requires_grad_(False)
+        self.lora_config = LoraConfig(
+            r=rank, lora_alpha=alpha, init_lora_weights=True,
+            target_modules=list(targets or self.default_lora_targets),
+        )
+        self.transformer.add_adapter(self.lora_config)
+        for p in self.transformer.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+
+    def enable_full_finetune(self, keep_reference: bool) -> None:
+        """Train every transformer weight; keep a frozen copy as the KL reference if asked."""
+        self.transformer.requires_grad_(True)
+        if keep_reference:
+            self._reference = copy.deepcopy(self.transformer).requires_grad_(False).eval()
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.lora_config is not None
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.transformer.parameters() if p.requires_grad]
+
+    @contextlib.contextmanager
+    def reference_mode(self) -> Iterator[None]:
+        """Within this context `velocity` evaluates the reference (base) policy."""
+        if self.uses_lora:
+            self.transformer.disable_adapters()
+            try:
+                yield
+            finally:
+                self.transformer.enable_adapters()
+        elif self._reference is not None:
+            trained, self.transformer = self.transformer, self._reference
+            try:
+                yield
+            finally:
+                self.transformer = trained
+        else:
+            raise RuntimeError("no reference policy: call enable_full_finetune(keep_reference=True) or apply_lora first")
+
+    @abc.abstractmethod
+    def save_trainable(self, directory: str | Path) -> None:
+        """Write the trainable weights as safetensors a diffusers pipeline can load:
+        LoRA through the pipeline's `save_lora_weights` layout, a full fine-tune as a
+        `transformer/` folder loadable with `from_pretrained`."""

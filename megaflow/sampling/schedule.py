@@ -1,0 +1,28 @@
+"""Sigma grids of flow-matching samplers (ALGORITHMS.md §1)."""
+from __future__ import annotations
+
+import torch
+
+
+def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """Apply the resolution shift `s·σ / (1 + (s−1)·σ)` elementwise."""
+    if shift <= 0:
+        raise ValueError(f"shift must be positive, got {shift}")
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def flow_sigmas(num_steps: int, shift: float = 1.0) -> torch.Tensor:
+    """The denoising grid `σ_0 = 1 > … > σ_N = 0`, shifted: float32 `[num_steps + 1]`.
+
+    Computed in float64 and rounded once, which is how diffusers'
+    `FlowMatchEulerDiscreteScheduler` builds its grid, so the two agree bit for bit.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    sigmas = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+    return shift_sigmas(sigmas, shift).to(torch.float32)
+
+
+def timesteps_from_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
+    """The model's timestep input `t = 1000·σ` (same shape as `sigmas`)."""
+    return sigmas * 1000.0
