@@ -26,6 +26,7 @@ setup(
         "tokenizers>=0.20",
         "Pillow>=10.0",
         "numpy>=1.24",
+        "regex",
     ],
     extras_require={
         "test": ["pytest>=8.0", "triton>=3.0"],

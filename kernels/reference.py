@@ -10,7 +10,7 @@ from megaflow.sampling.steps import HALF_LOG_2PI, SDE_KINDS, step_coefficients
 
 @dataclass
 class LogProbOut:
-    """Per-sample results, float32 `[B]`.
+    """Per-sample results, `[B]`: float32, or float64 when the reference is given float64 inputs.
 
     With `partial=False` each field is a mean over the sample's elements; with `partial=True`
     it is the local sum and `count` holds the number of local elements, so a sequence-parallel
@@ -29,8 +29,29 @@ class LogProbOut:
 
 
 def check_kind(kind: str) -> None:
+    """Raise ValueError unless `kind` is a stochastic step kind (one with a log-probability)."""
     if kind not in SDE_KINDS:
         raise ValueError(f"sde_log_prob needs a stochastic step kind ({', '.join(SDE_KINDS)}), got {kind!r}")
+
+
+def check_inputs(
+    x: torch.Tensor,
+    v: torch.Tensor,
+    x_next: torch.Tensor,
+    mean_ref: torch.Tensor | None,
+    mean_old: torch.Tensor | None,
+) -> None:
+    """Raise ValueError unless every tensor has the non-empty shape `[B, ...]` of `x` and x's device."""
+    if x.dim() < 1 or x.numel() == 0:
+        raise ValueError(f"x must be a non-empty [B, ...] tensor, got shape {tuple(x.shape)}")
+    named = {"v": v, "x_next": x_next, "mean_ref": mean_ref, "mean_old": mean_old}
+    for name, t in named.items():
+        if t is None:
+            continue
+        if t.shape != x.shape:
+            raise ValueError(f"{name} must have x's shape {tuple(x.shape)}, got {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; put them on one device")
 
 
 def sde_log_prob_torch(
@@ -47,20 +68,31 @@ def sde_log_prob_torch(
     mean_old: torch.Tensor | None = None,
     partial: bool = False,
 ) -> LogProbOut:
-    """Reference: `x`, `v`, `x_next`, means `[B, ...]` (any float dtype), sigmas scalar or `[B]`."""
+    """Reference: `x`, `v`, `x_next`, means `[B, ...]` (any float dtype), sigmas scalar or `[B]`.
+
+    Arithmetic is float32, or float64 when any of `x`, `v`, `x_next` is float64 (so that
+    `torch.autograd.gradcheck` is meaningful); the float32 step coefficients are then exact constants.
+    """
     check_kind(kind)
+    check_inputs(x, v, x_next, mean_ref, mean_old)
     batch = x.shape[0]
     a, b, std = step_coefficients(kind, sigma, sigma_next, batch=batch, noise_level=noise_level,
                                   sigma_max=sigma_max, device=x.device)
     if bool((std <= 0).any()):
         raise ValueError(f"{kind} step into sigma_next={sigma_next} is deterministic (std=0): it has no log-probability")
-    shape = (batch,) + (1,) * (x.dim() - 1)
-    mean = a.view(shape) * x.float() + b.view(shape) * v.float()
+    wide = torch.float64 in (x.dtype, v.dtype, x_next.dtype)
+    dtype = torch.float64 if wide else torch.float32
+    a, b, std = a.to(dtype), b.to(dtype), std.to(dtype)
+
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(batch, -1).to(dtype)
+
+    mean = a[:, None] * rows(x) + b[:, None] * rows(v)
     inv_two_var = 1.0 / (2 * std**2)
     count = torch.full_like(std, float(x[0].numel()))
-    reduce = (lambda t: t.flatten(1).sum(1)) if partial else (lambda t: t.flatten(1).mean(1))
+    reduce = (lambda t: t.sum(1)) if partial else (lambda t: t.mean(1))
     const = torch.log(std) + HALF_LOG_2PI
-    log_prob = -reduce((x_next.float() - mean).pow(2)) * inv_two_var - (const * count if partial else const)
-    kl = None if mean_ref is None else reduce((mean - mean_ref.float()).pow(2)) * inv_two_var
-    ratio_norm = None if mean_old is None else reduce((mean - mean_old.float()).pow(2)) * inv_two_var
+    log_prob = -reduce((rows(x_next) - mean).pow(2)) * inv_two_var - (const * count if partial else const)
+    kl = None if mean_ref is None else reduce((mean - rows(mean_ref)).pow(2)) * inv_two_var
+    ratio_norm = None if mean_old is None else reduce((mean - rows(mean_old)).pow(2)) * inv_two_var
     return LogProbOut(log_prob=log_prob, std=std, kl=kl, ratio_norm=ratio_norm, count=count if partial else None)

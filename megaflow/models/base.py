@@ -118,7 +118,10 @@ class ModelAdapter(abc.ABC):
 
     @property
     def transformer_dtype(self) -> torch.dtype:
-        return next(self.transformer.parameters()).dtype
+        """The transformer's compute dtype. diffusers' `dtype` skips the modules it keeps in fp32
+        (`_keep_in_fp32_modules`, e.g. Wan's `scale_shift_table`, its first parameter)."""
+        dtype = getattr(self.transformer, "dtype", None)
+        return dtype if isinstance(dtype, torch.dtype) else next(self.transformer.parameters()).dtype
 
     def apply_lora(self, rank: int, alpha: float, targets: Sequence[str] | None = None) -> None:
         """Freeze the transformer and add trainable LoRA adapters (peft) on `targets`."""

@@ -14,13 +14,13 @@ def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
 def flow_sigmas(num_steps: int, shift: float = 1.0) -> torch.Tensor:
     """The denoising grid `σ_0 = 1 > … > σ_N = 0`, shifted: float32 `[num_steps + 1]`.
 
-    Computed in float64 and rounded once, which is how diffusers'
-    `FlowMatchEulerDiscreteScheduler` builds its grid, so the two agree bit for bit.
+    The unshifted grid is rounded to float32 and shifted in float32, which is what diffusers'
+    `FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=...)` does, so the grids agree bit for bit.
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    sigmas = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
-    return shift_sigmas(sigmas, shift).to(torch.float32)
+    sigmas = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64).to(torch.float32)
+    return shift_sigmas(sigmas, shift)
 
 
 def timesteps_from_sigmas(sigmas: torch.Tensor) -> torch.Tensor:

@@ -122,12 +122,14 @@ def step(
     noise: torch.Tensor | None = None,
     prev_sample: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    compute_log_prob: bool = True,
 ) -> StepOutput:
     """One step from `x` (`[B, ...]`, at σ) to σ_next given the velocity `v` (same shape).
 
     Given `prev_sample`, it is not resampled and `log_prob` is its log-density; otherwise it is
     `mean + std·noise` with `noise` given or drawn from `generator`. `log_prob` is None for
-    `ode` and wherever the step is deterministic (cps into σ_next = 0).
+    `ode`, wherever the step is deterministic (cps into σ_next = 0), and when
+    `compute_log_prob` is False (the trainer computes it through `megaflow.kernels`).
     """
     if x.shape != v.shape:
         raise ValueError(f"x and v must have the same shape, got {tuple(x.shape)} and {tuple(v.shape)}")
@@ -150,5 +152,5 @@ def step(
             prev_sample = mean
     else:
         prev_sample = prev_sample.float()
-    log_prob = gaussian_log_prob(prev_sample, mean, std) if stochastic else None
+    log_prob = gaussian_log_prob(prev_sample, mean, std) if stochastic and compute_log_prob else None
     return StepOutput(prev_sample=prev_sample, mean=mean, std=std, log_prob=log_prob)

@@ -1,0 +1,15 @@
+"""Advantages, losses and the named GRPO algorithms composed from them."""
+from megaflow.algorithms.advantages import (
+    AGGREGATIONS,
+    Advantages,
+    compute_advantages,
+    group_zscore,
+    zero_std_groups,
+)
+from megaflow.algorithms.losses import clipped_surrogate
+from megaflow.algorithms.registry import ALGORITHMS, Algorithm, get_algorithm
+
+__all__ = [
+    "AGGREGATIONS", "ALGORITHMS", "Advantages", "Algorithm", "clipped_surrogate",
+    "compute_advantages", "get_algorithm", "group_zscore", "zero_std_groups",
+]

@@ -1,0 +1,1 @@
+"""Benchmarks behind `megaflow bench ...`; each appends its results to BENCHMARKS.md."""

@@ -1,0 +1,393 @@
+"""Typed run configuration: dataclasses per section, YAML recipes, strict keys, `--set` overrides.
+
+A recipe is a YAML mapping whose keys mirror the dataclasses below. Built-in recipes live in
+`megaflow/recipes/NAME.yaml` and are addressed by name (`--config tiny`); anything else is a
+path. Unknown keys and values of the wrong type are errors that name the key and the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from megaflow.errors import ConfigError
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+@dataclass
+class ModelConfig:
+    """Which model to train and which of its weights."""
+
+    family: str = "wan"  #: adapter family (see megaflow.models.ADAPTERS)
+    path: str = "tiny"  #: diffusers-format folder, or "tiny" for the built-in tiny random model
+    lora: bool = True  #: train LoRA adapters (True) or every transformer weight (False)
+    lora_rank: int = 8
+    lora_alpha: float = 8.0
+    lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+
+@dataclass
+class DataConfig:
+    """Where prompts come from and how many an iteration uses."""
+
+    prompt_file: str | None = None  #: text file, one prompt per line (blank lines skipped)
+    prompts: list[str] = field(default_factory=list)  #: inline prompts, used without prompt_file
+    prompts_per_iteration: int = 2
+    negative_prompt: str = ""  #: used for classifier-free guidance
+
+
+@dataclass
+class VideoConfig:
+    """Generated video size in pixels."""
+
+    frames: int = 5
+    height: int = 16
+    width: int = 16
+
+
+@dataclass
+class SamplingConfig:
+    """The denoising grid and guidance."""
+
+    num_steps: int = 6
+    shift: float = 3.0
+    guidance_scale: float = 4.5  #: classifier-free guidance; <= 1 disables CFG
+
+
+@dataclass
+class RolloutConfig:
+    """How samples are generated."""
+
+    group_size: int = 4  #: G samples per prompt (a GRPO group)
+    chunk_size: int = 4  #: samples denoised together (memory / throughput)
+    share_noise: bool = True  #: one initial noise per group
+
+
+@dataclass
+class AlgorithmConfig:
+    """The GRPO variant and its hyper-parameters (ALGORITHMS.md)."""
+
+    name: str = "flow_grpo"  #: flow_grpo | dance_grpo
+    noise_level: float | None = None  #: SDE noise (a or eta); None: the algorithm's default
+    timestep_fraction: float | None = None  #: fraction of steps trained; None: the algorithm's default
+    clip_range: float = 1e-4
+    adv_clip_max: float = 5.0
+    adv_eps: float = 1e-6
+    global_std: bool = False  #: normalise by the std of all rewards instead of the group's
+    kl_beta: float = 0.0  #: weight of the KL to the reference policy
+    drop_zero_std_groups: bool = False  #: give groups whose rewards are all equal zero weight
+    reward_aggregation: str = "reward_aggr"  #: reward_aggr | advantage_aggr
+
+
+@dataclass
+class RewardConfig:
+    """Reward components (registered names) with weights and per-component options."""
+
+    components: dict[str, float] = field(default_factory=lambda: {"brightness": 1.0})
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    """The policy update and the run's bookkeeping."""
+
+    iterations: int = 10
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    grad_clip: float = 1.0  #: max gradient norm; <= 0 disables clipping
+    micro_batch_size: int = 4  #: samples per forward/backward; divides rollout.chunk_size
+    grad_accum: int | None = None  #: micro-batches per optimizer step; None: one step per iteration
+    precision: str = "fp32"  #: fp32 | bf16
+    save_every: int = 0  #: checkpoint every k iterations (0: only at the end)
+    sample_every: int = 1  #: log sample videos every k iterations (0: never)
+
+
+@dataclass
+class ParallelConfig:
+    """Data/sequence parallel layout and ZeRO stage."""
+
+    sp_size: int = 1
+    zero_stage: int = 0
+
+
+@dataclass
+class KernelsConfig:
+    """Kernel backends."""
+
+    logprob: str = "auto"  #: auto | triton | torch
+
+
+@dataclass
+class Config:
+    """A whole run."""
+
+    seed: int = 0
+    output_dir: str = "runs/megaflow"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+
+    @property
+    def samples_per_iteration(self) -> int:
+        return self.data.prompts_per_iteration * self.rollout.group_size
+
+
+# ---- type coercion ---------------------------------------------------------------------
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert `value` (from YAML or a `--set` string) to type `tp`, or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~"))):
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):
+            parsed = yaml.safe_load(value) if value.strip().startswith("[") else [v.strip() for v in value.split(",") if v.strip()]
+            value = parsed
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' expects a list, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        key_tp, val_tp = typing.get_args(tp)
+        if isinstance(value, str):
+            value = yaml.safe_load(value) or {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' expects a mapping, got {value!r}")
+        return {_coerce(k, key_tp, key): _coerce(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        raise ConfigError(f"config key '{key}' expects true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' expects an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}' expects an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"config key '{key}' expects a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"config key '{key}' has unsupported type {_type_name(tp)}")
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        path = f"{prefix}{f.name}"
+        keys.append(path)
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            keys.extend(_all_keys(tp, path + "."))
+    return keys
+
+
+def _unknown_key(key: str) -> ConfigError:
+    valid = _all_keys(Config)
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; valid top-level keys: {', '.join(f.name for f in dataclasses.fields(Config))}"
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _apply_mapping(obj: Any, mapping: dict[str, Any], prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    for name, value in mapping.items():
+        key = f"{prefix}{name}"
+        if name not in hints:
+            raise _unknown_key(key)
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{key}' is a section; expected a mapping of its keys, got {value!r}")
+            _apply_mapping(getattr(obj, name), value, key + ".")
+        else:
+            setattr(obj, name, _coerce(value, tp, key))
+
+
+def apply_override(cfg: Config, assignment: str) -> None:
+    """Apply one `a.b.c=value` override (the value is converted to the key's type)."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} is not of the form key=value (e.g. --set train.iterations=3)")
+    key, raw = assignment.split("=", 1)
+    key = key.strip()
+    obj: Any = cfg
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        hints = typing.get_type_hints(type(obj))
+        if part not in hints:
+            raise _unknown_key(key)
+        tp = hints[part]
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(tp):
+                raise ConfigError(f"config key '{key}' is a section; set one of its keys, e.g. {key}.{dataclasses.fields(tp)[0].name}=...")
+            setattr(obj, part, _coerce(raw, tp, key))
+        else:
+            if not dataclasses.is_dataclass(tp):
+                raise _unknown_key(key)
+            obj = getattr(obj, part)
+
+
+def builtin_recipes() -> list[str]:
+    """Names of the recipes shipped inside the package."""
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def resolve_recipe(name_or_path: str) -> Path:
+    """A built-in recipe name or a YAML path → the file, or ConfigError naming the choices."""
+    candidate = Path(name_or_path)
+    if candidate.suffix in (".yaml", ".yml") or candidate.exists():
+        if not candidate.is_file():
+            raise ConfigError(f"config file '{name_or_path}' does not exist; give a YAML path or one of the built-in recipes: {', '.join(builtin_recipes())}")
+        return candidate
+    builtin = RECIPES_DIR / f"{name_or_path}.yaml"
+    if builtin.is_file():
+        return builtin
+    close = difflib.get_close_matches(name_or_path, builtin_recipes(), n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    raise ConfigError(f"no built-in recipe named '{name_or_path}' and no such file.{hint} Built-in recipes: {', '.join(builtin_recipes())}")
+
+
+def load_config(name_or_path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the recipe (if any), then each `key=value` override in order."""
+    cfg = Config()
+    if name_or_path is not None:
+        path = resolve_recipe(name_or_path)
+        try:
+            mapping = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from e
+        if not isinstance(mapping, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping of config keys at the top level")
+        _apply_mapping(cfg, mapping)
+    for assignment in overrides:
+        apply_override(cfg, assignment)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (loadable again with `load_config(path)`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def validate_config(cfg: Config) -> None:
+    """Check everything that can be checked before a model is loaded; raise ConfigError."""
+    from megaflow.algorithms.advantages import AGGREGATIONS
+    from megaflow.algorithms.registry import ALGORITHMS
+    from megaflow.kernels import BACKENDS
+
+    def bad(msg: str) -> None:
+        raise ConfigError(msg)
+
+    if cfg.algorithm.name not in ALGORITHMS:
+        close = difflib.get_close_matches(cfg.algorithm.name, list(ALGORITHMS), n=1)
+        bad(f"algorithm.name '{cfg.algorithm.name}' is not a known algorithm"
+            + (f"; did you mean '{close[0]}'?" if close else "") + f" Choose one of: {', '.join(ALGORITHMS)}")
+    if cfg.algorithm.reward_aggregation not in AGGREGATIONS:
+        bad(f"algorithm.reward_aggregation must be one of {', '.join(AGGREGATIONS)}, got '{cfg.algorithm.reward_aggregation}'")
+    if cfg.train.precision not in PRECISIONS:
+        bad(f"train.precision must be one of {', '.join(PRECISIONS)}, got '{cfg.train.precision}'")
+    if cfg.kernels.logprob not in BACKENDS:
+        bad(f"kernels.logprob must be one of {', '.join(BACKENDS)}, got '{cfg.kernels.logprob}'")
+    if cfg.rollout.group_size < 2:
+        bad(f"rollout.group_size is {cfg.rollout.group_size}, but GRPO needs at least 2 samples per prompt to "
+            "compare them; set rollout.group_size >= 2")
+    for key, value in (("train.iterations", cfg.train.iterations), ("rollout.chunk_size", cfg.rollout.chunk_size),
+                       ("train.micro_batch_size", cfg.train.micro_batch_size),
+                       ("data.prompts_per_iteration", cfg.data.prompts_per_iteration),
+                       ("sampling.num_steps", cfg.sampling.num_steps), ("video.frames", cfg.video.frames),
+                       ("video.height", cfg.video.height), ("video.width", cfg.video.width)):
+        if value < 1:
+            bad(f"{key} must be >= 1, got {value}")
+    if cfg.sampling.num_steps < 2:
+        bad(f"sampling.num_steps must be >= 2 (the last step is never trained), got {cfg.sampling.num_steps}")
+    n = cfg.samples_per_iteration
+    if n % cfg.rollout.chunk_size:
+        bad(f"the iteration's {n} samples (data.prompts_per_iteration={cfg.data.prompts_per_iteration} × "
+            f"rollout.group_size={cfg.rollout.group_size}) do not divide into chunks of rollout.chunk_size="
+            f"{cfg.rollout.chunk_size}; choose a chunk size that divides {n}")
+    if cfg.rollout.chunk_size % cfg.train.micro_batch_size:
+        bad(f"train.micro_batch_size={cfg.train.micro_batch_size} does not divide rollout.chunk_size="
+            f"{cfg.rollout.chunk_size}; the rollout evaluates trained steps in micro-batches so the update's "
+            "first ratio is exactly 1. Choose a micro-batch size that divides the chunk size")
+    if cfg.train.grad_accum is not None:
+        micro = n // cfg.train.micro_batch_size
+        if cfg.train.grad_accum < 1 or micro % cfg.train.grad_accum:
+            bad(f"train.grad_accum={cfg.train.grad_accum} must be >= 1 and divide the iteration's {micro} "
+                f"micro-batches ({n} samples / train.micro_batch_size={cfg.train.micro_batch_size}); "
+                "or set it to null for one optimizer step per iteration")
+    if cfg.algorithm.timestep_fraction is not None and not 0 < cfg.algorithm.timestep_fraction <= 1:
+        bad(f"algorithm.timestep_fraction must be in (0, 1], got {cfg.algorithm.timestep_fraction}")
+    if cfg.algorithm.noise_level is not None and cfg.algorithm.noise_level <= 0:
+        bad(f"algorithm.noise_level must be > 0 (the policy must be stochastic), got {cfg.algorithm.noise_level}")
+    if cfg.algorithm.clip_range <= 0:
+        bad(f"algorithm.clip_range must be > 0, got {cfg.algorithm.clip_range}")
+    if cfg.algorithm.kl_beta < 0:
+        bad(f"algorithm.kl_beta must be >= 0, got {cfg.algorithm.kl_beta}")
+    if cfg.parallel.sp_size != 1:
+        bad(f"parallel.sp_size={cfg.parallel.sp_size}: sequence parallelism is not available in this version; "
+            "set parallel.sp_size=1")
+    if cfg.parallel.zero_stage != 0:
+        bad(f"parallel.zero_stage={cfg.parallel.zero_stage}: the DeepSpeed engine is not available in this version; "
+            "set parallel.zero_stage=0")
+    if not cfg.data.prompt_file and not [p for p in cfg.data.prompts if p.strip()]:
+        bad("no prompts: set data.prompt_file to a text file with one prompt per line, or list data.prompts")
+    if cfg.model.lora and cfg.model.lora_rank < 1:
+        bad(f"model.lora_rank must be >= 1, got {cfg.model.lora_rank}")

@@ -1,0 +1,22 @@
+"""Rewards: the protocol, the registry, `RewardSet` and the built-in rewards (registered on import)."""
+from megaflow.rewards import builtin
+from megaflow.rewards.base import (
+    Reward,
+    RewardSet,
+    available_rewards,
+    build_reward,
+    register_reward,
+    validate_videos,
+)
+from megaflow.rewards.builtin import luminance
+
+__all__ = [
+    "Reward",
+    "RewardSet",
+    "available_rewards",
+    "build_reward",
+    "builtin",
+    "luminance",
+    "register_reward",
+    "validate_videos",
+]

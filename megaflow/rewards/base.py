@@ -1,0 +1,250 @@
+"""The reward protocol, the reward registry and `RewardSet`, a weighted group of rewards.
+
+A reward scores decoded videos: `reward(videos, prompts, metadata) -> scores` with `videos`
+float `[B, F, 3, H, W]` in [0, 1], one prompt and one metadata dict per video, and `scores`
+`[B]`, higher is better. Rewards are registered by name on a factory (a class or function
+taking keyword options and returning the callable) and built from the recipe by name.
+"""
+from __future__ import annotations
+
+import difflib
+import inspect
+import math
+from typing import Any, Callable, Protocol, TypeVar, runtime_checkable
+
+import torch
+
+from megaflow.errors import ConfigError, RewardError
+
+__all__ = [
+    "Reward",
+    "RewardSet",
+    "available_rewards",
+    "build_reward",
+    "register_reward",
+    "validate_videos",
+]
+
+
+@runtime_checkable
+class Reward(Protocol):
+    """A callable scoring videos `[B, F, 3, H, W]` in [0, 1]: returns scores `[B]`, higher is better."""
+
+    def __call__(
+        self, videos: torch.Tensor, prompts: list[str], metadata: list[dict[str, Any]]
+    ) -> torch.Tensor:
+        """Score each video of `videos` `[B, F, 3, H, W]` given its prompt and metadata: `[B]`."""
+        ...
+
+
+RewardFactory = Callable[..., Reward]
+F = TypeVar("F", bound=Callable[..., Any])
+
+_REGISTRY: dict[str, RewardFactory] = {}
+
+
+def register_reward(name: str) -> Callable[[F], F]:
+    """Class/function decorator registering a reward factory under `name` (unique)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a reward name must be a non-empty string, got {name!r}")
+
+    def decorator(factory: F) -> F:
+        previous = _REGISTRY.get(name)
+        if previous is not None and _qualified(previous) != _qualified(factory):
+            raise ValueError(
+                f"reward name {name!r} is already registered by {_qualified(previous)}; "
+                f"choose another name for {_qualified(factory)}"
+            )
+        _REGISTRY[name] = factory
+        return factory
+
+    return decorator
+
+
+def _qualified(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
+
+
+def available_rewards() -> list[str]:
+    """The registered reward names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def _accepted_options(factory: RewardFactory) -> tuple[list[str], bool]:
+    """The keyword options `factory` accepts, and whether it also takes arbitrary `**kwargs`."""
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return [], True
+    names = [
+        p.name
+        for p in params
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    ]
+    var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+    return names, var_kw
+
+
+def build_reward(name: str, **options: Any) -> Reward:
+    """Build the registered reward `name` with its keyword `options`; ConfigError if either is bad."""
+    factory = _REGISTRY.get(name)
+    if factory is None:
+        valid = available_rewards()
+        close = difflib.get_close_matches(str(name), valid, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(
+            f"unknown reward {name!r}.{hint} Available rewards: {', '.join(valid) or '(none)'}"
+        )
+    accepted, var_kw = _accepted_options(factory)
+    described = ", ".join(accepted) if accepted else "(none)"
+    if not var_kw:
+        unexpected = sorted(set(options) - set(accepted))
+        if unexpected:
+            raise ConfigError(
+                f"reward {name!r} got unexpected option(s) {', '.join(unexpected)}; "
+                f"accepted options: {described}"
+            )
+        try:
+            inspect.signature(factory).bind(**options)
+        except TypeError as e:
+            raise ConfigError(f"reward {name!r}: {e}; accepted options: {described}") from e
+    try:
+        return factory(**options)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(
+            f"reward {name!r}: invalid options {options!r}: {e}; accepted options: {described}"
+        ) from e
+
+
+def validate_videos(videos: Any, prompts: Any = None, metadata: Any = None) -> None:
+    """Check `videos` is float `[B, F, 3, H, W]`, finite, in [0, 1], with B prompts/metadata."""
+    if not isinstance(videos, torch.Tensor):
+        raise RewardError(f"videos must be a torch.Tensor, got {type(videos).__name__}")
+    if videos.dim() != 5 or videos.shape[2] != 3:
+        raise RewardError(
+            f"videos must have shape [B, F, 3, H, W], got {list(videos.shape)}"
+        )
+    if not videos.is_floating_point():
+        raise RewardError(f"videos must be a float tensor in [0, 1], got dtype {videos.dtype}")
+    if videos.numel() == 0:
+        raise RewardError(f"videos is empty: shape {list(videos.shape)}")
+    if not bool(torch.isfinite(videos).all()):
+        raise RewardError("videos contain NaN or inf values")
+    lo, hi = float(videos.min()), float(videos.max())
+    if lo < 0.0 or hi > 1.0:
+        raise RewardError(
+            f"videos must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}] "
+            "(clamp the decoded output, or map [-1, 1] with (x + 1) / 2)"
+        )
+    batch = videos.shape[0]
+    for label, seq in (("prompts", prompts), ("metadata", metadata)):
+        if seq is not None and len(seq) != batch:
+            raise RewardError(f"got {batch} videos but {len(seq)} {label}")
+
+
+class RewardSet:
+    """Named rewards with weights: raw per-component scores `[B]` and their weighted sum."""
+
+    def __init__(
+        self,
+        components: dict[str, float],
+        options: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
+        """Build each reward of `components` (name -> weight) with `options[name]` (if given)."""
+        if not components:
+            raise ConfigError(
+                "no rewards configured: give at least one reward name with a weight "
+                f"(available rewards: {', '.join(available_rewards())})"
+            )
+        options = dict(options or {})
+        stray = sorted(set(options) - set(components))
+        if stray:
+            raise ConfigError(
+                f"options given for reward(s) {', '.join(stray)} that are not among the "
+                f"configured rewards {', '.join(components)}"
+            )
+        self.weights: dict[str, float] = {}
+        self.rewards: dict[str, Reward] = {}
+        for name, weight in components.items():
+            try:
+                w = float(weight)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"reward {name!r}: weight must be a number, got {weight!r}") from e
+            if not math.isfinite(w):
+                raise ConfigError(f"reward {name!r}: weight must be finite, got {weight!r}")
+            opts = options.get(name) or {}
+            if not isinstance(opts, dict):
+                raise ConfigError(
+                    f"reward {name!r}: options must be a mapping, got {type(opts).__name__}"
+                )
+            self.rewards[name] = build_reward(name, **opts)
+            self.weights[name] = w
+
+    def __call__(
+        self, videos: torch.Tensor, prompts: list[str], metadata: list[dict[str, Any]]
+    ) -> dict[str, torch.Tensor]:
+        """Score `videos` `[B, F, 3, H, W]`: each component's raw float32 CPU scores `[B]`."""
+        validate_videos(videos, prompts, metadata)
+        batch = videos.shape[0]
+        scores: dict[str, torch.Tensor] = {}
+        for name, reward in self.rewards.items():
+            try:
+                out = reward(videos, prompts, metadata)
+            except Exception as e:
+                raise RewardError(f"reward {name!r} raised {type(e).__name__}: {e}") from e
+            scores[name] = self._check_scores(name, out, batch)
+        return scores
+
+    @staticmethod
+    def _check_scores(name: str, out: Any, batch: int) -> torch.Tensor:
+        """Convert a component's output to float32 CPU `[B]`, or raise RewardError."""
+        if not isinstance(out, torch.Tensor):
+            try:
+                out = torch.as_tensor(out)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise RewardError(
+                    f"reward {name!r} returned {type(out).__name__}, not a tensor of {batch} scores"
+                ) from e
+        if tuple(out.shape) != (batch,):
+            raise RewardError(
+                f"reward {name!r} returned shape {list(out.shape)}, expected [{batch}] "
+                "(one score per video)"
+            )
+        if out.is_complex() or out.dtype == torch.bool:
+            raise RewardError(f"reward {name!r} returned dtype {out.dtype}, expected real scores")
+        out = out.detach().to(device="cpu", dtype=torch.float32)
+        bad = (~torch.isfinite(out)).nonzero().flatten().tolist()
+        if bad:
+            raise RewardError(
+                f"reward {name!r} returned non-finite scores (NaN/inf) for sample(s) {bad}: "
+                f"{out.tolist()}"
+            )
+        return out
+
+    def weighted_sum(self, scores: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Sum of `weights[name] * scores[name]` over the components: float32 `[B]`."""
+        missing = sorted(set(self.weights) - set(scores))
+        extra = sorted(set(scores) - set(self.weights))
+        if missing or extra:
+            raise RewardError(
+                f"weighted_sum needs exactly the components {sorted(self.weights)}; "
+                f"missing {missing}, unexpected {extra}"
+            )
+        total: torch.Tensor | None = None
+        for name, weight in self.weights.items():
+            s = scores[name].to(torch.float32)
+            if s.dim() != 1 or (total is not None and s.shape != total.shape):
+                raise RewardError(
+                    f"scores of reward {name!r} have shape {list(s.shape)}; "
+                    "all components need the same shape [B]"
+                )
+            term = weight * s
+            total = term if total is None else total + term
+        assert total is not None
+        return total
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{n}={w:g}" for n, w in self.weights.items())
+        return f"RewardSet({parts})"
