@@ -15,10 +15,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
+from torch.autograd.function import FunctionCtx, once_differentiable
 
-from megaflow.kernels.reference import LogProbOut, check_inputs, check_kind
-from megaflow.sampling.steps import HALF_LOG_2PI, step_coefficients
+from megaflow.kernels.reference import LogProbOut, assemble, check_inputs, check_kind, sde_coefficients
 
 BLOCK = 2048
 """Elements of one sample handled by one program (forward and backward)."""
@@ -155,7 +154,11 @@ class _FusedSquaredSums(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, v, x, x_next, mean_ref, mean_old, a, b):  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx: FunctionCtx, v: torch.Tensor, x: torch.Tensor, x_next: torch.Tensor, mean_ref: torch.Tensor | None,
+        mean_old: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        """The per-sample sums, float32 `[B]` each; saves the `[B, n]` row views for backward."""
         batch = x.shape[0]
         xr, vr, xnr = _rows(x, batch), _rows(v, batch), _rows(x_next, batch)
         mrr = None if mean_ref is None else _rows(mean_ref, batch)
@@ -168,7 +171,10 @@ class _FusedSquaredSums(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, *grads):  # type: ignore[override]
+    def backward(  # type: ignore[override]
+        ctx: FunctionCtx, *grads: torch.Tensor | None,
+    ) -> tuple[torch.Tensor | None, ...]:
+        """dL/dv (v's shape and dtype) from the upstream grads `[B]` of the sums, in one kernel pass."""
         xr, vr, xnr, mrr, mor, a, b = ctx.saved_tensors
         g_lp = grads[0]
         g_ref = grads[1] if mrr is not None else None
@@ -218,19 +224,8 @@ def sde_log_prob_triton(
             raise TypeError(f"the triton backend takes float32, bfloat16 or float16 tensors; {name} is {t.dtype} "
                             "(use backend='torch' for it)")
     batch = x.shape[0]
-    a, b, std = step_coefficients(kind, sigma, sigma_next, batch=batch, noise_level=noise_level,
-                                  sigma_max=sigma_max, device=x.device)
-    if bool((std <= 0).any()):
-        raise ValueError(f"{kind} step into sigma_next={sigma_next} is deterministic (std=0): it has no log-probability")
+    a, b, std = sde_coefficients(kind, sigma, sigma_next, batch=batch, noise_level=noise_level,
+                                 sigma_max=sigma_max, device=x.device)
     sums = _FusedSquaredSums.apply(v, x, x_next, mean_ref, mean_old, a.contiguous(), b.contiguous())
-    s_lp = sums[0]
-    s_ref = sums[1] if mean_ref is not None else None
-    s_old = sums[-1] if mean_old is not None else None
-    inv_two_var = 1.0 / (2 * std**2)
-    count = torch.full_like(std, float(x[0].numel()))
-    scale = (lambda s: s) if partial else (lambda s: s / count)
-    const = torch.log(std) + HALF_LOG_2PI
-    log_prob = -scale(s_lp) * inv_two_var - (const * count if partial else const)
-    kl = None if s_ref is None else scale(s_ref) * inv_two_var
-    ratio_norm = None if s_old is None else scale(s_old) * inv_two_var
-    return LogProbOut(log_prob=log_prob, std=std, kl=kl, ratio_norm=ratio_norm, count=count if partial else None)
+    return assemble(sums[0], sums[1] if mean_ref is not None else None, sums[-1] if mean_old is not None else None,
+                    std, numel=x[0].numel(), partial=partial)

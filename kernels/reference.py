@@ -54,6 +54,25 @@ def check_inputs(
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; put them on one device")
 
 
+def sde_coefficients(
+    kind: str,
+    sigma: float | torch.Tensor,
+    sigma_next: float | torch.Tensor,
+    *,
+    batch: int,
+    noise_level: float,
+    sigma_max: float | torch.Tensor | None,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`step_coefficients` `(a, b, std)`, float32 `[B]`; ValueError where the step is deterministic."""
+    a, b, std = step_coefficients(kind, sigma, sigma_next, batch=batch, noise_level=noise_level,
+                                  sigma_max=sigma_max, device=device)
+    if bool((std <= 0).any()):
+        raise ValueError(f"{kind} step into sigma_next={sigma_next} is deterministic (std=0): "
+                         "it has no log-probability")
+    return a, b, std
+
+
 def sde_log_prob_torch(
     kind: str,
     x: torch.Tensor,
@@ -76,10 +95,8 @@ def sde_log_prob_torch(
     check_kind(kind)
     check_inputs(x, v, x_next, mean_ref, mean_old)
     batch = x.shape[0]
-    a, b, std = step_coefficients(kind, sigma, sigma_next, batch=batch, noise_level=noise_level,
-                                  sigma_max=sigma_max, device=x.device)
-    if bool((std <= 0).any()):
-        raise ValueError(f"{kind} step into sigma_next={sigma_next} is deterministic (std=0): it has no log-probability")
+    a, b, std = sde_coefficients(kind, sigma, sigma_next, batch=batch, noise_level=noise_level,
+                                 sigma_max=sigma_max, device=x.device)
     wide = torch.float64 in (x.dtype, v.dtype, x_next.dtype)
     dtype = torch.float64 if wide else torch.float32
     a, b, std = a.to(dtype), b.to(dtype), std.to(dtype)
@@ -88,11 +105,23 @@ def sde_log_prob_torch(
         return t.reshape(batch, -1).to(dtype)
 
     mean = a[:, None] * rows(x) + b[:, None] * rows(v)
+    return assemble(
+        (rows(x_next) - mean).pow(2).sum(1),
+        None if mean_ref is None else (mean - rows(mean_ref)).pow(2).sum(1),
+        None if mean_old is None else (mean - rows(mean_old)).pow(2).sum(1),
+        std, numel=x[0].numel(), partial=partial,
+    )
+
+
+def assemble(sq_next: torch.Tensor, sq_ref: torch.Tensor | None, sq_old: torch.Tensor | None,
+             std: torch.Tensor, *, numel: int, partial: bool) -> LogProbOut:
+    """`LogProbOut` from per-sample sums `[B]` of (x_next−μ)², (μ−mean_ref)², (μ−mean_old)² over
+    `numel` elements; shared by every backend so they differ only in how the sums are computed."""
     inv_two_var = 1.0 / (2 * std**2)
-    count = torch.full_like(std, float(x[0].numel()))
-    reduce = (lambda t: t.sum(1)) if partial else (lambda t: t.mean(1))
+    count = torch.full_like(std, float(numel))
+    scale = (lambda t: t) if partial else (lambda t: t / count)
     const = torch.log(std) + HALF_LOG_2PI
-    log_prob = -reduce((rows(x_next) - mean).pow(2)) * inv_two_var - (const * count if partial else const)
-    kl = None if mean_ref is None else reduce((mean - rows(mean_ref)).pow(2)) * inv_two_var
-    ratio_norm = None if mean_old is None else reduce((mean - rows(mean_old)).pow(2)) * inv_two_var
+    log_prob = -scale(sq_next) * inv_two_var - (const * count if partial else const)
+    kl = None if sq_ref is None else scale(sq_ref) * inv_two_var
+    ratio_norm = None if sq_old is None else scale(sq_old) * inv_two_var
     return LogProbOut(log_prob=log_prob, std=std, kl=kl, ratio_norm=ratio_norm, count=count if partial else None)

@@ -33,6 +33,7 @@ PHASES = ("forward", "forward+backward")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 KIND, SIGMA, SIGMA_NEXT, NOISE_LEVEL, KL_BETA = "flow_grpo", 0.7, 0.65, 0.7, 0.04
 TRITON_PENDING = "Triton rows need a CUDA GPU; pending."
+CPU_BIG_ELEMENTS = 20_000_000
 
 
 @dataclass
@@ -284,7 +285,9 @@ def _markdown_section(meta: dict, rows: list[Row], notes: list[str]) -> str:
              f"median of {meta['repeats']} timed calls after {meta['warmup']} warm-up",
              "- GB/s: bytes a fused pass moves (forward reads x, v, x_next, mean_ref; backward reads them "
              "again and writes dL/dv) over the median time",
-             f"- peak extra memory: {meta['memory_method']}"]
+             f"- peak extra memory: {meta['memory_method']}",
+             "- compile: `torch.compile(sde_log_prob_torch, dynamic=False)`; the reference's host-side checks "
+             "(sigma order, std > 0) are graph breaks"]
     lines += [f"- {note}" for note in notes]
     return "\n".join(lines + [""] + format_table(rows)) + "\n"
 
@@ -303,9 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", help="per-sample latent shapes CxTxHxW, comma-separated "
                         "(default: Wan 480x832x81 16x21x60x104 and HunyuanVideo 720x1280x129 16x33x90x160)")
     parser.add_argument("--batches", help="batch sizes, comma-separated (default 1,4; 1,2 with --quick)")
-    parser.add_argument("--repeats", type=int, help="timed calls per row (default 20 on CUDA; on CPU 3, "
-                        "1 for the largest sizes)")
-    parser.add_argument("--warmup", type=int, help="untimed calls first, the first one compiles (default 3 CUDA, 1 CPU)")
+    parser.add_argument("--repeats", type=int, help="timed calls per row (default 20 on CUDA; on CPU 5, "
+                        "3 above 20M elements)")
+    parser.add_argument("--warmup", type=int,
+                        help="untimed calls first, the first one compiles (default 3 CUDA, 1 CPU)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="input dtype (default float32)")
     parser.add_argument("--impls", default=",".join(IMPLS), help="subset of triton,eager,compile")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
@@ -316,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a small smoke size (4x3x8x10, batch 1 and 2)")
     args = parser.parse_args(argv)
 
+    if args.repeats is not None and args.repeats < 1:
+        raise SystemExit(f"--repeats: expected a positive integer, got {args.repeats}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available here")
@@ -343,12 +349,12 @@ def main(argv: list[str] | None = None) -> int:
         print(note)
 
     rows: list[Row] = []
-    repeats_used = set()
+    big = False
     for shape_name, shape in shapes.items():
         for batch in batches:
             elements = batch * int(torch.tensor(shape).prod())
-            repeats = args.repeats or (20 if device.type == "cuda" else (1 if elements > 20_000_000 else 3))
-            repeats_used.add(repeats)
+            big = big or elements > CPU_BIG_ELEMENTS
+            repeats = args.repeats or (20 if device.type == "cuda" else (3 if elements > CPU_BIG_ELEMENTS else 5))
             eager_logp: dict[str, torch.Tensor] = {}
             for impl in impls:
                 print(f"  {shape_name} B={batch} {impl} ...", file=sys.stderr, flush=True)
@@ -360,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
         "device": _device_name(device),
         "versions": _versions(),
         "dtype": args.dtype,
-        "repeats": "/".join(str(r) for r in sorted(repeats_used, reverse=True)),
+        "repeats": str(args.repeats) if args.repeats else ("20" if device.type == "cuda" else
+                                                            "5 (3 above 20M elements)" if big else "5"),
         "warmup": warmup,
         "memory_method": memory_method,
         "notes": notes,

@@ -280,7 +280,8 @@ def test_triton_non_contiguous_inputs(device: torch.device, triton_ready: None) 
         mean_old=base.mean_old[::2],
         sigma=base.sigma[::2], sigma_next=base.sigma_next[::2],
     )
-    dense = replace(strided, **{k: getattr(strided, k).contiguous() for k in ("x", "v", "x_next", "mean_ref", "mean_old")})
+    names = ("x", "v", "x_next", "mean_ref", "mean_old")
+    dense = replace(strided, **{k: getattr(strided, k).contiguous() for k in names})
     assert not strided.v.is_contiguous() and not strided.x.is_contiguous()
     got, got_grad = run(strided, "triton")
     want, want_grad = run(dense, "torch")
@@ -363,6 +364,17 @@ def test_triton_rejects_float64(device: torch.device, triton_ready: None) -> Non
     case = make_case("cps", shape=(2, 8), dtype=torch.float64, device=device)
     with pytest.raises(TypeError, match="backend='torch'"):
         sde_log_prob("cps", case.x, case.v, case.x_next, 0.5, 0.4, noise_level=0.8, backend="triton")
+
+
+def test_kernels_compile_for_hopper_without_a_gpu(triton_import_error: str | None) -> None:
+    """The interpreter accepts code the GPU compiler may reject: compile every variant for sm_90."""
+    if triton_import_error is not None:
+        pytest.skip(f"triton does not import here ({triton_import_error})")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).with_name("compile_for_gpu.py")
+    proc = subprocess.run([sys.executable, str(script), "90"], env=env, cwd=Path(__file__).resolve().parents[2],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "compiled for sm_90" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 def test_triton_suite_in_fresh_process(triton_import_error: str | None, triton_in_process: bool) -> None:
