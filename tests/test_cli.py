@@ -67,3 +67,13 @@ def test_console_script_and_module_entry_points(tmp_path, tiny_wan_dir):
     assert exe is not None, "the console script is not installed (pip install -e .)"
     out = subprocess.run([exe, "train", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--set" in out.stdout
+
+
+def test_bench_kernels_subcommand(tmp_path):
+    import json
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "kernels", "--quick", "--impls", "eager", "--json", str(out), "--no-markdown"]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {row["phase"] for row in rows} == {"forward", "forward+backward"}
+    assert all(row["impl"] == "eager" and row["ms"] > 0 for row in rows)
