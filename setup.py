@@ -10,7 +10,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["megaflow", "megaflow.*"]) + ["megaflow.kernels"],
     package_dir={"megaflow.kernels": "kernels"},
-    package_data={"megaflow": ["recipes/*.yaml"]},
+    package_data={"megaflow": ["recipes/*.yaml", "demo/base_model/*.json", "demo/base_model/*/*.json",
+                             "demo/base_model/*/*.safetensors"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.4",

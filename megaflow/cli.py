@@ -16,11 +16,22 @@ def _train(args: argparse.Namespace) -> int:
     if args.output_dir:
         overrides.append(f"output_dir={args.output_dir}")
     cfg = load_config(args.config, overrides)
-    trainer = Trainer(cfg, show_progress=not args.no_progress)
+    trainer = Trainer(cfg, show_progress=not args.no_progress, resume=args.resume)
     history = trainer.train()
-    last = history[-1]
-    print(f"done: {len(history)} iterations, final reward/mean {last['reward/mean']:.4f}; "
-          f"logs in {trainer.output_dir / 'logs'} (tensorboard --logdir {trainer.output_dir / 'logs'})")
+    if trainer.topo.is_main:
+        if history:
+            print(f"done: {len(history)} iterations, final reward/mean {history[-1]['reward/mean']:.4f}; "
+                  f"logs in {trainer.output_dir / 'logs'} (tensorboard --logdir {trainer.output_dir / 'logs'})")
+        else:
+            print(f"nothing to do: the run already finished its {cfg.train.iterations} iterations")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from megaflow.trainer.export import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.output, args.config)
+    print(f"exported the trainable weights of {args.checkpoint} to {out}")
     return 0
 
 
@@ -34,6 +45,9 @@ def _bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megaflow", description="Online GRPO-family RL for flow-matching video models")
+    # The DeepSpeed launcher inserts --local_rank=N before the subcommand; the rank comes from
+    # the LOCAL_RANK environment variable, which every launcher sets.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="run GRPO training from a recipe")
@@ -42,13 +56,25 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config key (repeatable), e.g. --set train.iterations=3")
     train.add_argument("--output-dir", help="where logs, checkpoints and the resolved config go")
     train.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    train.add_argument("--resume", metavar="auto|DIR", default=None,
+                       help="continue from the newest complete checkpoint under the output dir (auto) or from DIR")
     train.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     train.set_defaults(func=_train)
+
+    export = sub.add_parser("export", help="consolidated trainable weights (diffusers layout) from a checkpoint")
+    export.add_argument("checkpoint", help="a checkpoints/iteration_NNNNNN directory (single-process or DeepSpeed)")
+    export.add_argument("--output", required=True, help="folder for pytorch_lora_weights.safetensors or transformer/")
+    export.add_argument("--config", help="the run's config.yaml (default: the one next to checkpoints/)")
+    export.set_defaults(func=_export)
 
     bench = sub.add_parser("bench", help="run a benchmark")
     bench.add_argument("target", choices=["kernels"], help="what to benchmark")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (see `megaflow bench kernels -h`)")
     bench.set_defaults(func=_bench)
+
+    from megaflow.demo.cli import add_demo_commands
+
+    add_demo_commands(sub)
     return parser
 
 

@@ -68,6 +68,7 @@ class RolloutConfig:
     group_size: int = 4  #: G samples per prompt (a GRPO group)
     chunk_size: int = 4  #: samples denoised together (memory / throughput)
     share_noise: bool = True  #: one initial noise per group
+    gather_weights: bool = False  #: ZeRO-3: gather the full transformer once per rollout instead of per layer and step
 
 
 @dataclass
@@ -103,20 +104,26 @@ class TrainConfig:
     weight_decay: float = 1e-4
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
+    adam_eps: float = 1e-8  #: AdamW epsilon
     grad_clip: float = 1.0  #: max gradient norm; <= 0 disables clipping
     micro_batch_size: int = 4  #: samples per forward/backward; divides rollout.chunk_size
     grad_accum: int | None = None  #: micro-batches per optimizer step; None: one step per iteration
     precision: str = "fp32"  #: fp32 | bf16
     save_every: int = 0  #: checkpoint every k iterations (0: only at the end)
     sample_every: int = 1  #: log sample videos every k iterations (0: never)
+    keep_checkpoints: int = 3  #: keep the newest k complete checkpoints (0: keep all)
+    grad_checkpointing: float = 0.0  #: fraction of transformer blocks with activation checkpointing (0..1)
 
 
 @dataclass
 class ParallelConfig:
     """Data/sequence parallel layout and ZeRO stage."""
 
-    sp_size: int = 1
-    zero_stage: int = 0
+    sp_size: int = 1  #: ranks per sequence-parallel group (Ulysses); world = dp × sp_size
+    zero_stage: int = 0  #: 0: plain single process; 2 or 3: DeepSpeed ZeRO engine
+    ds_config: str | None = None  #: DeepSpeed JSON; None: ds_configs/zero{stage}.json ("auto" filled from the recipe)
+    hpz_partition_size: int = 1  #: ZeRO-3 hpZ secondary partition size (ranks per node); 1 disables it
+    offload: bool = False  #: ZeRO-3 with optimizer state and parameters offloaded to CPU (zero3_offload.json)
 
 
 @dataclass
@@ -381,13 +388,69 @@ def validate_config(cfg: Config) -> None:
         bad(f"algorithm.clip_range must be > 0, got {cfg.algorithm.clip_range}")
     if cfg.algorithm.kl_beta < 0:
         bad(f"algorithm.kl_beta must be >= 0, got {cfg.algorithm.kl_beta}")
-    if cfg.parallel.sp_size != 1:
-        bad(f"parallel.sp_size={cfg.parallel.sp_size}: sequence parallelism is not available in this version; "
-            "set parallel.sp_size=1")
-    if cfg.parallel.zero_stage != 0:
-        bad(f"parallel.zero_stage={cfg.parallel.zero_stage}: the DeepSpeed engine is not available in this version; "
-            "set parallel.zero_stage=0")
+    validate_parallel(cfg)
     if not cfg.data.prompt_file and not [p for p in cfg.data.prompts if p.strip()]:
         bad("no prompts: set data.prompt_file to a text file with one prompt per line, or list data.prompts")
     if cfg.model.lora and cfg.model.lora_rank < 1:
         bad(f"model.lora_rank must be >= 1, got {cfg.model.lora_rank}")
+
+
+def validate_parallel(cfg: Config, world_size: int | None = None) -> None:
+    """Check the parallel / checkpoint keys; with `world_size`, also the dp × sp layout of the run."""
+    p, t = cfg.parallel, cfg.train
+
+    def bad(msg: str) -> None:
+        raise ConfigError(msg)
+
+    if p.zero_stage not in (0, 2, 3):
+        bad(f"parallel.zero_stage must be 0 (single process), 2 or 3 (DeepSpeed ZeRO), got {p.zero_stage}")
+    if p.sp_size < 1:
+        bad(f"parallel.sp_size must be >= 1, got {p.sp_size}")
+    if p.hpz_partition_size < 1:
+        bad(f"parallel.hpz_partition_size must be >= 1, got {p.hpz_partition_size}")
+    if p.hpz_partition_size > 1 and p.zero_stage != 3:
+        bad(f"parallel.hpz_partition_size={p.hpz_partition_size} is a ZeRO-3 option; set parallel.zero_stage=3 "
+            "or parallel.hpz_partition_size=1")
+    if p.offload and p.zero_stage != 3:
+        bad("parallel.offload=true needs parallel.zero_stage=3 (it selects ds_configs/zero3_offload.json)")
+    if p.offload and p.ds_config:
+        bad("parallel.offload and parallel.ds_config both choose the DeepSpeed config; set only one")
+    if p.ds_config and not Path(p.ds_config).is_file():
+        bad(f"parallel.ds_config '{p.ds_config}' does not exist; give a DeepSpeed JSON file or null for the "
+            "built-in template of parallel.zero_stage")
+    if cfg.rollout.gather_weights and p.zero_stage != 3:
+        bad("rollout.gather_weights=true only applies to ZeRO-3 (parameters are already whole otherwise); "
+            "set parallel.zero_stage=3 or rollout.gather_weights=false")
+    if p.sp_size > 1 and p.zero_stage == 0:
+        bad(f"parallel.sp_size={p.sp_size} runs under DeepSpeed; set parallel.zero_stage to 2 or 3")
+    if t.adam_eps <= 0:
+        bad(f"train.adam_eps must be > 0, got {t.adam_eps}")
+    if not 0.0 <= t.grad_checkpointing <= 1.0:
+        bad(f"train.grad_checkpointing is the fraction of transformer blocks checkpointed, in [0, 1]; "
+            f"got {t.grad_checkpointing}")
+    if t.keep_checkpoints < 0:
+        bad(f"train.keep_checkpoints must be >= 0 (0 keeps every checkpoint), got {t.keep_checkpoints}")
+    if world_size is None:
+        return
+    if world_size > 1 and p.zero_stage == 0:
+        bad(f"{world_size} processes were launched but parallel.zero_stage=0 is the single-process path; "
+            "set parallel.zero_stage=2 or 3")
+    if world_size % p.sp_size:
+        bad(f"the world of {world_size} ranks does not divide by parallel.sp_size={p.sp_size}; "
+            f"launch a multiple of {p.sp_size} processes or choose an sp_size that divides {world_size}")
+    dp = world_size // p.sp_size
+    n, m = cfg.samples_per_iteration, t.micro_batch_size
+    micro = n // m
+    if micro % dp:
+        bad(f"the iteration's {micro} micro-batches ({n} samples / train.micro_batch_size={m}) do not divide "
+            f"over dp={dp} data-parallel ranks (world {world_size} / sp {p.sp_size}); every rank must run the "
+            "same number of forward calls. Change data.prompts_per_iteration, rollout.group_size, "
+            "train.micro_batch_size or the number of processes")
+    local = n // dp
+    if local % cfg.rollout.chunk_size:
+        bad(f"each of the dp={dp} ranks generates {local} samples, which do not divide into chunks of "
+            f"rollout.chunk_size={cfg.rollout.chunk_size} (the chunk size is per rank); choose a chunk size "
+            f"that divides {local}")
+    if t.grad_accum is not None and t.grad_accum % dp:
+        bad(f"train.grad_accum={t.grad_accum} counts micro-batches of the whole job per optimizer step and must "
+            f"divide over dp={dp} ranks; choose a multiple of {dp} or null")

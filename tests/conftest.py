@@ -1,9 +1,20 @@
 """Shared pytest fixtures."""
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
+
+# Triton fixes interpreter mode when it is first imported, and deepspeed and diffusers import it
+# during collection: on a machine without a GPU, ask for the interpreter before anything does, so
+# the kernel tests run in this process (see tests/kernels/conftest.py).
+if "triton" not in sys.modules:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

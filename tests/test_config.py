@@ -56,7 +56,7 @@ def test_missing_recipe_lists_builtins():
     (["train.grad_accum=3"], "must be >= 1 and divide"),
     (["algorithm.name=flow_grop"], "did you mean 'flow_grpo'"),
     (["train.precision=fp16"], "train.precision must be one of"),
-    (["parallel.sp_size=2"], "parallel.sp_size=1"),
+    (["parallel.sp_size=2"], "parallel.sp_size=2 runs under DeepSpeed"),
     (["data.prompts=[]"], "no prompts"),
     (["kernels.logprob=cuda"], "kernels.logprob must be one of"),
 ])

@@ -65,11 +65,13 @@ class ModelAdapter(abc.ABC):
     def from_pretrained(
         cls, path: str | Path, *, dtype: torch.dtype, device: torch.device | str,
         transformer_dtype: torch.dtype | None = None,
+        transformer_loader: Any = None,
     ) -> "ModelAdapter":
         """Load every component from a local diffusers-format folder.
 
         `dtype` is used for the frozen parts (VAE, text encoders); `transformer_dtype`
-        (default `dtype`) for the transformer. Raises `ModelLoadError` naming a missing
+        (default `dtype`) for the transformer; `transformer_loader(cls, folder, dtype)`, if
+        given, builds the transformer (ZeRO-3: partitioned under `deepspeed.zero.Init`). Raises `ModelLoadError` naming a missing
         component and how to provide it.
         """
 
@@ -102,8 +104,15 @@ class ModelAdapter(abc.ABC):
         """The guided velocity `v = v_u + g·(v_c − v_u)`: `x [B, C, F, H, W]`, `sigma [B]`.
 
         With CFG the unconditional and conditional halves run as one batch of `2B`, so a
-        sample's result depends only on the batch shape, never on how it is split.
+        sample's result depends only on the batch shape, never on how it is split. Under
+        sequence parallelism the shards are gathered, so every SP rank gets the whole velocity.
         """
+        return self.unshard(self.velocity_shard(x, sigma, cond, guidance_scale), x)
+
+    def velocity_shard(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning,
+                       guidance_scale: float = 1.0) -> torch.Tensor:
+        """The guided velocity in this rank's layout: `[B, C, F, H, W]` without sequence
+        parallelism, this SP rank's token shard (`shard_latent`'s layout) with it."""
         timestep = (sigma.to(torch.float32) * 1000.0).to(x.device)
         xin = x.to(self.transformer_dtype)
         if guidance_scale > 1.0 and cond.negative is not None:
@@ -115,6 +124,34 @@ class ModelAdapter(abc.ABC):
             v_uncond, v_cond = both.chunk(2)
             return v_uncond + guidance_scale * (v_cond - v_uncond)
         return self.forward_transformer(xin, timestep, cond.embeds, cond.extra).float()
+
+    # ---- sequence parallelism (identity unless a family enables it) --------------------
+    sequence_parallel: Any = None
+
+    def enable_sequence_parallel(self, group: Any) -> None:
+        """Shard the video tokens over the SP process `group` (Ulysses); families that support
+        it override this."""
+        from megaflow.errors import ConfigError
+
+        raise ConfigError(f"model family '{self.family}' has no sequence-parallel plan; set parallel.sp_size=1")
+
+    def shard_latent(self, latent: torch.Tensor) -> torch.Tensor:
+        """This rank's share of a latent `[B, C, F, H, W]`, in `velocity_shard`'s layout."""
+        return latent if self.sequence_parallel is None else self.sequence_parallel.shard_latent(latent)
+
+    def unshard(self, shard: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The whole latent `[B, C, F, H, W]` (shaped like `like`) from every rank's shard."""
+        return shard if self.sequence_parallel is None else self.sequence_parallel.unshard(shard, like)
+
+    #: The DeepSpeed engine wrapping `transformer`, once the trainer has built one.
+    engine: Any = None
+
+    @property
+    def transformer_call(self) -> Any:
+        """What to call for a forward: the DeepSpeed engine when it wraps the current transformer
+        (its forward keeps ZeRO's gradient-accumulation bookkeeping), else the transformer."""
+        engine = self.engine
+        return engine if engine is not None and engine.module is self.transformer else self.transformer
 
     @property
     def transformer_dtype(self) -> torch.dtype:

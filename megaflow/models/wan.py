@@ -96,14 +96,20 @@ class WanAdapter(ModelAdapter):
     def from_pretrained(
         cls, path: str | Path, *, dtype: torch.dtype, device: torch.device | str,
         transformer_dtype: torch.dtype | None = None,
+        transformer_loader: Callable[[type, Path, torch.dtype], nn.Module] | None = None,
     ) -> "WanAdapter":
         """Load a local diffusers-format Wan folder; frozen parts in `dtype`, transformer in
-        `transformer_dtype` (default `dtype`)."""
+        `transformer_dtype` (default `dtype`). `transformer_loader(cls, folder, dtype)` replaces
+        `from_pretrained` for the transformer (ZeRO-3 builds it partitioned)."""
         path = Path(path).expanduser()
         check_wan_folder(path)
         device = torch.device(device)
-        transformer = _load_component(path, "transformer", lambda p: WanTransformer3DModel.from_pretrained(
-            p, torch_dtype=transformer_dtype or dtype))
+        if transformer_loader is None:
+            transformer = _load_component(path, "transformer", lambda p: WanTransformer3DModel.from_pretrained(
+                p, torch_dtype=transformer_dtype or dtype))
+        else:
+            transformer = _load_component(path, "transformer", lambda p: transformer_loader(
+                WanTransformer3DModel, p, transformer_dtype or dtype))
         vae = _load_component(path, "vae", lambda p: AutoencoderKLWan.from_pretrained(p, torch_dtype=dtype))
         text_encoder = _load_component(path, "text_encoder", lambda p: UMT5EncoderModel.from_pretrained(
             p, dtype=dtype))
@@ -156,14 +162,37 @@ class WanAdapter(ModelAdapter):
 
     def forward_transformer(self, x: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor,
                             extra: dict[str, torch.Tensor]) -> torch.Tensor:
-        """One transformer call: `x [B, C, F, H, W]`, `timestep [B]` (0..1000), `embeds [B, L, D]`."""
+        """One transformer call: `x [B, C, F, H, W]`, `timestep [B]` (0..1000), `embeds [B, L, D]`
+        → velocity `[B, C, F, H, W]`, or under sequence parallelism this rank's real tokens
+        `[B, L_r, pt·ph·pw·C]` (see `megaflow.parallel.wan_sp`)."""
         if extra:
             raise ValueError(f"Wan text-to-video takes no extra conditioning, got {sorted(extra)}")
         dtype = self.transformer_dtype
-        return self.transformer(
+        out = self.transformer_call(
             hidden_states=x.to(dtype), timestep=timestep, encoder_hidden_states=embeds.to(dtype),
             return_dict=False,
         )[0]
+        return out if self.sequence_parallel is None else self.sequence_parallel.valid(out, x)
+
+    def enable_sequence_parallel(self, group: Any) -> None:
+        """Ulysses over `group`: video tokens sharded, self-attention by all-to-all, text replicated."""
+        from megaflow.parallel.wan_sp import WanSequenceParallel
+
+        self.sequence_parallel = WanSequenceParallel(self.transformer, group)
+        if self._reference is not None:
+            WanSequenceParallel(self._reference, group)
+
+    @staticmethod
+    def attention_heads(path: str | Path) -> int:
+        """Self-attention heads of the transformer in a Wan folder, read from its config (no model built)."""
+        import json
+
+        config = Path(path) / "transformer" / "config.json"
+        try:
+            return int(json.loads(config.read_text())["num_attention_heads"])
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelLoadError(f"cannot read num_attention_heads from {config}: {exc}; "
+                                 f"{_DOWNLOAD_HINT.format(path=path)}") from exc
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """Rewards: the protocol, the registry, `RewardSet` and the built-in rewards (registered on import)."""
-from megaflow.rewards import builtin
+from megaflow.rewards import builtin, shapes
 from megaflow.rewards.base import (
     Reward,
     RewardSet,
@@ -16,6 +16,7 @@ __all__ = [
     "available_rewards",
     "build_reward",
     "builtin",
+    "shapes",
     "luminance",
     "register_reward",
     "validate_videos",

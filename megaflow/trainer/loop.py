@@ -1,52 +1,69 @@
 """One trainer for every model and algorithm: rollout → reward → advantages → update → monitor."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import resource
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from megaflow.algorithms.advantages import compute_advantages
 from megaflow.algorithms.registry import get_algorithm
-from megaflow.config import Config, save_config, validate_config
+from megaflow.config import Config, save_config, validate_config, validate_parallel
 from megaflow.data.prompts import PromptSet
-from megaflow.errors import RewardError
+from megaflow.errors import ConfigError, RewardError
 from megaflow.models import get_adapter
 from megaflow.models.base import Conditioning, ModelAdapter
 from megaflow.monitor.progress import progress
 from megaflow.monitor.writer import MetricsWriter
 from megaflow.rewards import RewardSet
+from megaflow.parallel.checkpointing import apply_activation_checkpointing
+from megaflow.parallel.topology import init_topology, launched_world_size
+from megaflow.sampling.plans import StepPlan
 from megaflow.sampling.schedule import flow_sigmas
+from megaflow.seeds import derive_seed
 from megaflow.trainer.rollout import run_rollout
 from megaflow.trainer.settings import SamplerSettings
-from megaflow.trainer.state import save_checkpoint
-from megaflow.trainer.update import UpdateSettings, policy_update
+from megaflow.trainer.state import find_resumable, load_checkpoint, save_checkpoint
+from megaflow.trainer.update import DistributedUpdate, UpdateSettings, local_sample_indices, policy_update
 
 log = logging.getLogger("megaflow")
 
 
 def resolve_model_path(path: str) -> Path:
-    """`"tiny"` → the built-in tiny random Wan model (written once to the cache); else the path."""
+    """`"tiny"` → the built-in tiny random Wan model (written once to the cache); `"demo"` → the
+    shipped pretrained shapes-world model; else the path."""
     if path == "tiny":
         from megaflow.models.tiny import tiny_model_dir
 
         return tiny_model_dir()
+    if path == "demo":
+        from megaflow.demo import base_model_dir
+
+        return base_model_dir()
     return Path(path)
 
 
-def load_adapter(cfg: Config, device: torch.device) -> ModelAdapter:
-    """Load the model and make its trainable part (LoRA or full) ready for training."""
+def load_adapter(cfg: Config, device: torch.device, transformer_loader: Any = None) -> ModelAdapter:
+    """Load the model and make its trainable part (LoRA or full) ready for training.
+
+    LoRA initialisation draws from torch's generator, seeded from `cfg.seed` so that every rank
+    and every layout starts from the same weights."""
     frozen_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     lora = cfg.model.lora
     transformer_dtype = frozen_dtype if lora else torch.float32
     adapter = get_adapter(cfg.model.family).from_pretrained(
-        resolve_model_path(cfg.model.path), dtype=frozen_dtype, device=device, transformer_dtype=transformer_dtype)
+        resolve_model_path(cfg.model.path), dtype=frozen_dtype, device=device, transformer_dtype=transformer_dtype,
+        transformer_loader=transformer_loader)
+    torch.manual_seed(derive_seed(cfg.seed, "init") % 2**62)
     if lora:
         adapter.apply_lora(cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_targets)
     else:
-        adapter.enable_full_finetune(keep_reference=cfg.algorithm.kl_beta > 0)
+        adapter.enable_full_finetune(keep_reference=cfg.algorithm.kl_beta > 0 and cfg.parallel.zero_stage != 3)
     return adapter
 
 
@@ -58,23 +75,57 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 class Trainer:
-    """Builds everything from a `Config` (validated before any model is loaded) and runs it."""
+    """Builds everything from a `Config` (validated, layout checked, before any model is loaded)
+    and runs it: one process, or every rank of a `deepspeed` / `torchrun` launch.
 
-    def __init__(self, cfg: Config, *, show_progress: bool = True) -> None:
+    `resume`: None (start fresh), "auto" (the newest complete checkpoint under `output_dir`, if
+    any) or a checkpoint directory.
+    """
+
+    def __init__(self, cfg: Config, *, show_progress: bool = True, resume: str | None = None) -> None:
         validate_config(cfg)
+        validate_parallel(cfg, launched_world_size())
+        p = cfg.parallel
+        if p.sp_size > 1:
+            from megaflow.parallel.wan_sp import check_heads_divisible
+
+            adapter_cls = get_adapter(cfg.model.family)
+            heads = getattr(adapter_cls, "attention_heads", None)
+            if heads is None:
+                raise ConfigError(f"model family '{cfg.model.family}' has no sequence-parallel plan; "
+                                  "set parallel.sp_size=1")
+            check_heads_divisible(heads(resolve_model_path(cfg.model.path)), p.sp_size)
+        self.topo = init_topology(p.sp_size, need_distributed=p.zero_stage > 0)
         self.cfg = cfg
-        self.show_progress = show_progress
+        self.show_progress = show_progress and self.topo.is_main
         self.algorithm = get_algorithm(cfg.algorithm.name)
         self.prompts = (PromptSet.from_file(cfg.data.prompt_file, seed=cfg.seed) if cfg.data.prompt_file
                         else PromptSet(cfg.data.prompts, seed=cfg.seed))
         self.rewards = RewardSet(cfg.reward.components, cfg.reward.options)
         self.output_dir = Path(cfg.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.output_dir / "config.yaml")
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.adapter = load_adapter(cfg, self.device)
-        self.latent_shape = self.adapter.latent_shape(cfg.video.frames, cfg.video.height, cfg.video.width)
+        if self.topo.is_main:
+            save_config(cfg, self.output_dir / "config.yaml")
+        self.device = (torch.device("cuda", self.topo.local_rank) if torch.cuda.is_available()
+                       else torch.device("cpu"))
         a = cfg.algorithm
+        self.fraction = a.timestep_fraction or self.algorithm.timestep_fraction
+        steps_per_sample = self.algorithm.build_plan(cfg.sampling.num_steps, self.fraction, sample_keys=[(0, 0)],
+                                                     seed=cfg.seed, iteration=0).steps_per_sample
+        num_micro = cfg.samples_per_iteration // cfg.train.micro_batch_size
+        window = num_micro if cfg.train.grad_accum is None else cfg.train.grad_accum
+        self.engine = None
+        loader = None
+        if p.zero_stage > 0:
+            from megaflow.parallel.engine import load_ds_config, zero3_transformer_loader
+
+            self.ds_config, adamw = load_ds_config(
+                cfg, grad_accum_steps=max(1, window // self.topo.dp_size * steps_per_sample))
+            if p.zero_stage == 3:
+                loader = zero3_transformer_loader(self.ds_config)
+        self.adapter = load_adapter(cfg, self.device, loader)
+        self._build_parallel(loader, adamw if p.zero_stage > 0 else None)
+        self.latent_shape = self.adapter.latent_shape(cfg.video.frames, cfg.video.height, cfg.video.width)
         self.settings = SamplerSettings(
             sigmas=flow_sigmas(cfg.sampling.num_steps, cfg.sampling.shift),
             sde_kind=self.algorithm.sde_kind,
@@ -86,12 +137,52 @@ class Trainer:
         self.update_settings = UpdateSettings(
             clip_range=a.clip_range, kl_beta=a.kl_beta, micro_batch_size=cfg.train.micro_batch_size,
             grad_accum=cfg.train.grad_accum, grad_clip=cfg.train.grad_clip)
-        self.optimizer = torch.optim.AdamW(
-            self.adapter.trainable_parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-            betas=(cfg.train.adam_beta1, cfg.train.adam_beta2))
-        self.writer = MetricsWriter(self.output_dir / "logs")
+        self.writer = MetricsWriter(self.output_dir / "logs") if self.topo.is_main else None
         self.use_cfg = cfg.sampling.guidance_scale > 1.0
         self.negative = self.adapter.encode_prompts([cfg.data.negative_prompt]) if self.use_cfg else None
+        self.start_iteration = 0
+        if resume:
+            path = find_resumable(self.output_dir, resume, warn=self.topo.is_main)
+            if path is not None:
+                self.start_iteration = load_checkpoint(path, self.adapter, optimizer=self.optimizer,
+                                                       engine=self.engine, topo=self.topo)
+                log.info("resumed from %s at iteration %d", path, self.start_iteration)
+            elif self.topo.is_main:
+                log.info("--resume %s: no complete checkpoint under %s; starting from iteration 0", resume,
+                         self.output_dir / "checkpoints")
+
+    def _build_parallel(self, loader: Any, adamw: dict[str, Any] | None) -> None:
+        """Reference engine, sequence parallelism, activation checkpointing, ZeRO leaf modules
+        and the DeepSpeed engine (or the plain optimizer on the single-process path)."""
+        cfg, topo, adapter = self.cfg, self.topo, self.adapter
+        stage = cfg.parallel.zero_stage
+        mpu = None
+        if stage > 0:
+            from megaflow.parallel.engine import gradient_divisor, initialize_engine, reference_engine, set_leaf_modules
+            from megaflow.parallel.topology import Mpu
+
+            mpu = Mpu(topo)
+        if stage == 3 and not adapter.uses_lora and cfg.algorithm.kl_beta > 0:
+            folder = resolve_model_path(cfg.model.path) / "transformer"
+            reference = loader(type(adapter.transformer), folder, adapter.transformer_dtype).requires_grad_(False)
+            set_leaf_modules(reference, adapter.block_classes)
+            self.reference_engine = reference_engine(reference, self.ds_config, mpu)
+            adapter._reference = reference
+        if topo.sp_size > 1:
+            adapter.enable_sequence_parallel(topo.sp_group)
+        apply_activation_checkpointing(adapter.transformer, adapter.block_classes, cfg.train.grad_checkpointing)
+        self.loss_scale = 1.0
+        if stage == 0:
+            self.optimizer = torch.optim.AdamW(
+                adapter.trainable_parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_eps)
+            return
+        if stage == 3:
+            set_leaf_modules(adapter.transformer, adapter.block_classes)
+        self.engine, self.optimizer = initialize_engine(adapter.transformer, adapter.trainable_parameters(),
+                                                        self.ds_config, adamw, mpu)
+        adapter.engine = self.engine
+        self.loss_scale = float(gradient_divisor(self.ds_config, topo.world_size, topo.sp_size))
 
     def conditioning(self, texts: list[str], group_size: int) -> Conditioning:
         """Embeddings of the iteration's prompts repeated per sample: `[P·G, L, D]`."""
@@ -99,19 +190,36 @@ class Trainer:
         negative = None if self.negative is None else self.negative.expand(embeds.shape[0], -1, -1)
         return Conditioning(embeds=embeds, negative=negative)
 
+    def _gather_rewards(self, local_idx: list[int], local: dict[str, torch.Tensor] | None,
+                        n: int) -> dict[str, torch.Tensor]:
+        """Every sample's reward components `[n]`, in global order, on every rank (each SP group's
+        first rank contributes the scores of its samples)."""
+        parts = [(local_idx, local)]
+        if self.topo.distributed:
+            parts = [None] * self.topo.world_size
+            dist.all_gather_object(parts, (local_idx, local))
+        full = {name: torch.empty(n) for name in self.rewards.weights}
+        for idx, comps in parts:
+            if comps is not None:
+                for name, values in comps.items():
+                    full[name][torch.tensor(idx, dtype=torch.long)] = values.float()
+        return full
+
     def run_iteration(self, iteration: int) -> dict[str, float]:
-        """One iteration end to end; returns its metrics (also written to TensorBoard/jsonl)."""
-        cfg = self.cfg
+        """One iteration end to end; returns its metrics (written to TensorBoard/jsonl by rank 0)."""
+        cfg, topo = self.cfg, self.topo
         t_start = time.perf_counter()
         group_size = cfg.rollout.group_size
         batch = self.prompts.batch(iteration, cfg.data.prompts_per_iteration)
         texts = [text for _, text in batch]
         keys = [(slot, g) for slot in range(len(batch)) for g in range(group_size)]
-        sample_prompts = [texts[slot] for slot, _ in keys]
-        cond = self.conditioning(texts, group_size)
-        fraction = cfg.algorithm.timestep_fraction or self.algorithm.timestep_fraction
-        plan = self.algorithm.build_plan(cfg.sampling.num_steps, fraction, sample_keys=keys, seed=cfg.seed,
+        n = len(keys)
+        local_idx = local_sample_indices(n, cfg.train.micro_batch_size, topo.dp_size, topo.dp_rank)
+        local_keys = [keys[i] for i in local_idx]
+        cond = self.conditioning(texts, group_size).select(local_idx)
+        plan = self.algorithm.build_plan(cfg.sampling.num_steps, self.fraction, sample_keys=keys, seed=cfg.seed,
                                          iteration=iteration)
+        local_plan = StepPlan(sde=plan.sde, trained=tuple(plan.trained[i] for i in local_idx))
         scores: dict[str, list[torch.Tensor]] = {name: [] for name in self.rewards.weights}
         sample_videos: list[torch.Tensor] = []
         reward_time = 0.0
@@ -119,33 +227,52 @@ class Trainer:
         def score(videos: torch.Tensor, idx: slice) -> None:
             nonlocal reward_time
             t0 = time.perf_counter()
-            meta = [{"prompt_slot": keys[s][0], "sample": keys[s][1], "iteration": iteration}
-                    for s in range(idx.start, idx.stop)]
+            chunk_keys = local_keys[idx]
+            meta = [{"prompt_slot": slot, "sample": g, "iteration": iteration} for slot, g in chunk_keys]
             try:
-                for name, value in self.rewards(videos.float().cpu(), sample_prompts[idx], meta).items():
+                for name, value in self.rewards(videos.float().cpu(), [texts[slot] for slot, _ in chunk_keys],
+                                                meta).items():
                     scores[name].append(value)
             except RewardError as e:
                 raise RewardError(f"iteration {iteration}: {e}") from e
-            if idx.start < group_size:
-                sample_videos.append(videos[: group_size - idx.start].float().cpu())
+            first_group = [i for i, (slot, _) in enumerate(chunk_keys) if slot == 0]
+            if topo.is_main and first_group:
+                sample_videos.append(videos[first_group].float().cpu())
             reward_time += time.perf_counter() - t0
 
         t_rollout = time.perf_counter()
-        rollout = run_rollout(
-            self.adapter, cond, keys, plan, self.settings, latent_shape=self.latent_shape, seed=cfg.seed,
-            iteration=iteration, chunk_size=cfg.rollout.chunk_size, micro_batch_size=cfg.train.micro_batch_size,
-            share_noise=cfg.rollout.share_noise, on_videos=score, show_progress=self.show_progress)
+        with self._rollout_weights():
+            rollout = run_rollout(
+                self.adapter, cond, local_keys, local_plan, self.settings, latent_shape=self.latent_shape,
+                seed=cfg.seed, iteration=iteration, chunk_size=cfg.rollout.chunk_size,
+                micro_batch_size=cfg.train.micro_batch_size, share_noise=cfg.rollout.share_noise,
+                on_videos=score if topo.is_sp_leader else None, show_progress=self.show_progress,
+                subbatch_steps={i for steps in plan.trained for i in steps},
+                sp_group=topo.sp_group if topo.sp_size > 1 else None)
         rollout_time = time.perf_counter() - t_rollout - reward_time
-        components = {name: torch.cat(parts) for name, parts in scores.items()}
+        local_scores = {name: torch.cat(parts) for name, parts in scores.items()} if topo.is_sp_leader else None
+        components = self._gather_rewards(local_idx, local_scores, n)
         total = self.rewards.weighted_sum(components)
         adv = compute_advantages(
-            components, self.rewards.weights, rollout.slots, aggregation=cfg.algorithm.reward_aggregation,
-            eps=cfg.algorithm.adv_eps, global_std=cfg.algorithm.global_std, clip_max=cfg.algorithm.adv_clip_max,
+            components, self.rewards.weights, torch.tensor([slot for slot, _ in keys], dtype=torch.long),
+            aggregation=cfg.algorithm.reward_aggregation, eps=cfg.algorithm.adv_eps,
+            global_std=cfg.algorithm.global_std, clip_max=cfg.algorithm.adv_clip_max,
             drop_zero_std=cfg.algorithm.drop_zero_std_groups)
         t_update = time.perf_counter()
-        update_metrics = policy_update(self.adapter, rollout, cond, adv.values, adv.weights, self.settings,
-                                       self.update_settings, self.optimizer, show_progress=self.show_progress)
+        mine = torch.tensor(local_idx, dtype=torch.long)
+        layout = DistributedUpdate(engine=self.engine, dp_size=topo.dp_size, dp_rank=topo.dp_rank,
+                                   dp_group=topo.dp_group if topo.distributed else None,
+                                   sp_group=topo.sp_group if topo.sp_size > 1 else None,
+                                   loss_scale=self.loss_scale)
+        update_metrics = policy_update(self.adapter, rollout, cond, adv.values[mine], adv.weights[mine], self.settings,
+                                       self.update_settings, self.optimizer, show_progress=self.show_progress,
+                                       layout=layout, global_weights=adv.weights)
         update_time = time.perf_counter() - t_update
+        peak = peak_memory_gb(self.device)
+        if topo.distributed:
+            peak_t = torch.tensor([peak], dtype=torch.float64)
+            dist.all_reduce(peak_t, op=dist.ReduceOp.MAX)
+            peak = float(peak_t)
         metrics = {
             "reward/mean": float(total.mean()),
             "reward/std": float(total.std(unbiased=False)),
@@ -159,28 +286,47 @@ class Trainer:
             "time/reward_s": reward_time,
             "time/update_s": update_time,
             "time/iteration_s": time.perf_counter() - t_start,
-            "memory/peak_gb": peak_memory_gb(self.device),
+            "memory/peak_gb": peak,
         }
-        self.writer.log(iteration + 1, metrics)
-        if cfg.train.sample_every and (iteration + 1) % cfg.train.sample_every == 0 and sample_videos:
-            self.writer.log_video("samples/videos", torch.cat(sample_videos), iteration + 1)
-            self.writer.log_text("samples/prompt", texts[0], iteration + 1)
+        if self.writer is not None:
+            self.writer.log(iteration + 1, metrics)
+            if cfg.train.sample_every and (iteration + 1) % cfg.train.sample_every == 0 and sample_videos:
+                self.writer.log_video("samples/videos", torch.cat(sample_videos), iteration + 1)
+                self.writer.log_text("samples/prompt", texts[0], iteration + 1)
         return metrics
 
+    def _rollout_weights(self) -> Any:
+        """With `rollout.gather_weights` under ZeRO-3: the whole transformer gathered once for the
+        rollout (kept whole across layers and steps); otherwise per-layer gathers as usual."""
+        if not self.cfg.rollout.gather_weights:
+            return contextlib.nullcontext()
+        from megaflow.parallel.engine import gathered_for_rollout
+
+        return gathered_for_rollout(self.adapter.transformer)
+
+    def save(self, iteration: int) -> Path:
+        """Checkpoint after `iteration` iterations (collective)."""
+        return save_checkpoint(self.adapter, self.output_dir, iteration, optimizer=self.optimizer,
+                               engine=self.engine, topo=self.topo, keep=self.cfg.train.keep_checkpoints,
+                               zero_stage=self.cfg.parallel.zero_stage)
+
     def train(self) -> list[dict[str, float]]:
-        """Run `train.iterations` iterations, checkpointing every `train.save_every` and at the end."""
+        """Run iterations `start_iteration .. train.iterations-1`, checkpointing every
+        `train.save_every` and at the end."""
         cfg = self.cfg
         history = []
         try:
-            for iteration in progress(range(cfg.train.iterations), "iterations", enabled=self.show_progress,
-                                      unit="it"):
+            for iteration in progress(range(self.start_iteration, cfg.train.iterations), "iterations",
+                                      enabled=self.show_progress, unit="it"):
                 metrics = self.run_iteration(iteration)
                 history.append(metrics)
-                log.info("iteration %d: reward %.4f, loss %.4g, %.1fs", iteration + 1, metrics["reward/mean"],
-                         metrics["loss/total"], metrics["time/iteration_s"])
+                if self.topo.is_main:
+                    log.info("iteration %d: reward %.4f, loss %.4g, %.1fs", iteration + 1, metrics["reward/mean"],
+                             metrics["loss/total"], metrics["time/iteration_s"])
                 done = iteration + 1
                 if (cfg.train.save_every and done % cfg.train.save_every == 0) or done == cfg.train.iterations:
-                    save_checkpoint(self.adapter, self.output_dir, done)
+                    self.save(done)
         finally:
-            self.writer.close()
+            if self.writer is not None:
+                self.writer.close()
         return history

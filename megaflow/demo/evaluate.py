@@ -1,0 +1,209 @@
+"""`megaflow eval`: score a model (base, or base + a training checkpoint) on evaluation prompts
+with deterministic ODE sampling, and draw base-vs-trained frames side by side.
+
+Sampling reuses the adapter (`encode_prompts`, `velocity`, `decode`) and `megaflow.sampling`
+(Euler `ode` steps on the recipe's grid). The initial noise of prompt p, sample k is a function
+of `(seed, p, k)` only, so the base and the trained model start from the same noise.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from megaflow.config import Config
+from megaflow.errors import DataError, ModelLoadError
+from megaflow.models import get_adapter
+from megaflow.models.base import Conditioning, ModelAdapter
+from megaflow.monitor.progress import progress
+from megaflow.rewards import RewardSet
+from megaflow.sampling import flow_sigmas, step
+from megaflow.seeds import generator
+
+#: Files that mark a training checkpoint (see `megaflow.trainer.state`).
+LORA_FILE = "pytorch_lora_weights.safetensors"
+MARKER_FILE = "megaflow_checkpoint.json"
+
+
+@dataclass
+class EvalReport:
+    """Scores of one model: the weighted total and each component / attribute, averaged."""
+
+    label: str
+    overall: float
+    components: dict[str, float]
+    per_prompt: dict[str, float]
+    videos: torch.Tensor = field(repr=False)  #: [P·S, F, 3, H, W] in [0, 1], prompt-major
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready scores (no videos)."""
+        return {"model": self.label, "overall": self.overall, "components": self.components,
+                "per_prompt": self.per_prompt}
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or a run's output folder (its newest `checkpoints/iteration_*`)."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise ModelLoadError(f"checkpoint folder {path} does not exist; give a run's output folder "
+                             "(e.g. runs/demo) or one of its checkpoints/iteration_NNNNNN folders")
+    if (path / MARKER_FILE).is_file():
+        return path
+    found = sorted((path / "checkpoints").glob("iteration_*")) if (path / "checkpoints").is_dir() else []
+    found = [p for p in found if (p / MARKER_FILE).is_file()]
+    if not found:
+        raise ModelLoadError(f"{path} holds no megaflow checkpoint (no {MARKER_FILE}, no checkpoints/iteration_* "
+                             "folder); train first, e.g. `megaflow train --config demo`")
+    return found[-1]
+
+
+def load_model(cfg: Config, checkpoint: Path | None, device: torch.device) -> ModelAdapter:
+    """The recipe's base model in fp32, with the checkpoint's LoRA or full transformer if given."""
+    from megaflow.trainer.loop import resolve_model_path
+
+    adapter = get_adapter(cfg.model.family).from_pretrained(
+        resolve_model_path(cfg.model.path), dtype=torch.float32, device=device)
+    if checkpoint is None:
+        return adapter
+    info = json.loads((checkpoint / MARKER_FILE).read_text())
+    try:
+        if info.get("lora", True):
+            adapter.transformer.load_lora_adapter(str(checkpoint), prefix="transformer", weight_name=LORA_FILE)
+        else:
+            from diffusers import WanTransformer3DModel
+
+            adapter.transformer = WanTransformer3DModel.from_pretrained(
+                checkpoint / "transformer", torch_dtype=torch.float32).to(device).eval().requires_grad_(False)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ModelLoadError(f"cannot load checkpoint {checkpoint} into {cfg.model.path}: {e}") from e
+    return adapter
+
+
+@torch.no_grad()
+def sample_videos(adapter: ModelAdapter, cfg: Config, prompts: Sequence[str], samples: int, seed: int,
+                  batch: int = 16, show_progress: bool = True, desc: str = "eval") -> torch.Tensor:
+    """ODE samples of every prompt: `float32 [len(prompts)·samples, F, 3, H, W]` in [0, 1]."""
+    shape = adapter.latent_shape(cfg.video.frames, cfg.video.height, cfg.video.width)
+    sigmas = flow_sigmas(cfg.sampling.num_steps, cfg.sampling.shift)
+    keys = [(p, k) for p in range(len(prompts)) for k in range(samples)]
+    use_cfg = cfg.sampling.guidance_scale > 1.0
+    negative = adapter.encode_prompts([cfg.data.negative_prompt]) if use_cfg else None
+    embeds = adapter.encode_prompts(list(prompts))
+    out = []
+    bar = progress(len(keys), desc, enabled=show_progress, unit="video")
+    for start in range(0, len(keys), batch):
+        chunk = keys[start:start + batch]
+        idx = torch.tensor([p for p, _ in chunk])
+        cond = Conditioning(embeds=embeds[idx], negative=None if negative is None else negative.expand(len(chunk), -1, -1))
+        x = torch.stack([torch.randn(shape, generator=generator(seed, "eval", p, k)) for p, k in chunk]).to(adapter.device)
+        for i in range(cfg.sampling.num_steps):
+            v = adapter.velocity(x, sigmas[i].expand(len(chunk)), cond, cfg.sampling.guidance_scale)
+            x = step("ode", x, v, sigmas[i], sigmas[i + 1]).prev_sample
+        out.append(adapter.decode(x.to(adapter.dtype)).float().cpu())
+        bar.update(len(chunk))
+    bar.close()
+    return torch.cat(out)
+
+
+def score_videos(cfg: Config, videos: torch.Tensor, prompts: Sequence[str], samples: int, label: str) -> EvalReport:
+    """Score `videos [P·S, F, 3, H, W]` with the recipe's rewards (and the shapes reward's attributes)."""
+    rewards = RewardSet(cfg.reward.components, cfg.reward.options)
+    texts = [p for p in prompts for _ in range(samples)]
+    meta = [{"prompt_slot": i // samples, "sample": i % samples} for i in range(len(texts))]
+    comps = rewards(videos, texts, meta)
+    total = rewards.weighted_sum(comps)
+    components = {name: float(v.mean()) for name, v in comps.items()}
+    for name, reward in rewards.rewards.items():
+        if hasattr(reward, "attribute_scores"):
+            for attr, v in reward.attribute_scores(videos, texts).items():
+                components[f"{name}/{attr}"] = float(v.mean())
+    per_prompt = {p: float(total[i * samples:(i + 1) * samples].mean()) for i, p in enumerate(prompts)}
+    return EvalReport(label=label, overall=float(total.mean()), components=components, per_prompt=per_prompt,
+                      videos=videos)
+
+
+def eval_prompts(cfg: Config, prompt_file: str | None = None) -> list[str]:
+    """The prompts to evaluate: `prompt_file`, else the shapes world's held-out split when the recipe
+    uses the `shapes` reward, else the recipe's own prompts."""
+    if prompt_file:
+        path = Path(prompt_file)
+        if not path.is_file():
+            raise DataError(f"prompt file '{path}' does not exist; give a text file with one prompt per line")
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    elif "shapes" in cfg.reward.components:
+        from megaflow.demo.world import split_prompts
+
+        prompts = split_prompts(0)[1]
+    elif cfg.data.prompt_file:
+        return eval_prompts(cfg, cfg.data.prompt_file)
+    else:
+        prompts = [p.strip() for p in cfg.data.prompts if p.strip()]
+    if not prompts:
+        raise DataError("no evaluation prompts: give --prompts FILE with one prompt per line")
+    return prompts
+
+
+def evaluate(cfg: Config, checkpoint: str | Path | None = None, *, prompt_file: str | None = None, samples: int = 4,
+             seed: int = 1234, show_progress: bool = True) -> list[EvalReport]:
+    """Evaluate the base model, and the trained one when `checkpoint` is given: `[base, trained?]`."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ckpt = find_checkpoint(checkpoint) if checkpoint is not None else None
+    prompts = eval_prompts(cfg, prompt_file)
+    reports = []
+    for label, path in [("base", None)] + ([("trained", ckpt)] if ckpt is not None else []):
+        adapter = load_model(cfg, path, device)
+        videos = sample_videos(adapter, cfg, prompts, samples, seed, show_progress=show_progress, desc=f"eval {label}")
+        reports.append(score_videos(cfg, videos, prompts, samples, label))
+    return reports
+
+
+def format_table(reports: Sequence[EvalReport], prompts: int, samples: int) -> str:
+    """A plain-text table: one row per score (overall, then components), one column per model."""
+    names = ["overall"] + list(reports[0].components)
+    width = max(len(n) for n in names) + 2
+    lines = [f"{prompts} prompts × {samples} samples, ODE sampling",
+             "".ljust(width) + "".join(r.label.rjust(10) for r in reports)]
+    for n in names:
+        vals = [r.overall if n == "overall" else r.components[n] for r in reports]
+        lines.append(n.ljust(width) + "".join(f"{v:10.3f}" for v in vals))
+    return "\n".join(lines)
+
+
+def save_comparison(reports: Sequence[EvalReport], prompts: Sequence[str], samples: int, path: str | Path,
+                    rows: int = 6, frame_step: int = 2, scale: int = 3) -> Path:
+    """PNG: for the first `rows` prompts (sample 0), every `frame_step`-th frame of each model side by side."""
+    from PIL import Image, ImageDraw
+
+    rows = min(rows, len(prompts))
+    frames = list(range(0, reports[0].videos.shape[1], frame_step))
+    h, w = reports[0].videos.shape[-2:]
+    cell_h, cell_w, gap, label_w, head = h * scale, w * scale, 12, 190, 20
+    block_w = len(frames) * (cell_w + 2)
+    img = Image.new("RGB", (label_w + len(reports) * (block_w + gap), head + rows * (cell_h + 4)), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    for m, report in enumerate(reports):
+        x0 = label_w + m * (block_w + gap)
+        draw.text((x0, 4), f"{report.label} (frames {frames[0]}..{frames[-1]})", fill=(0, 0, 0))
+        for r in range(rows):
+            video = report.videos[r * samples]
+            for j, f in enumerate(frames):
+                arr = (video[f].permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+                tile = Image.fromarray(arr).resize((cell_w, cell_h), Image.NEAREST)
+                img.paste(tile, (x0 + j * (cell_w + 2), head + r * (cell_h + 4)))
+    for r in range(rows):
+        draw.text((4, head + r * (cell_h + 4) + cell_h // 2 - 6), prompts[r], fill=(0, 0, 0))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, optimize=True)
+    return path
+
+
+def write_json(reports: Sequence[EvalReport], path: str | Path, **extra: Any) -> Path:
+    """Write the reports (and `extra` fields) as JSON."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**extra, "results": [r.to_dict() for r in reports]}, indent=2))
+    return path

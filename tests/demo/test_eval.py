@@ -1,0 +1,68 @@
+"""`megaflow eval`: ODE scoring of held-out prompts, the table / JSON / image, and its errors."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from megaflow.config import load_config
+from megaflow.demo.evaluate import evaluate, find_checkpoint, sample_videos, load_model
+from megaflow.demo.world import split_prompts
+from megaflow.errors import ModelLoadError
+from megaflow.trainer.loop import Trainer
+
+
+def _megaflow(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "megaflow", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_eval_of_the_base_model_prints_a_table_and_writes_json_and_frames(tmp_path):
+    res = _megaflow("eval", "--config", "demo", "--samples", "1", "--json", str(tmp_path / "e.json"),
+                    "--image", str(tmp_path / "e.png"), "--no-progress")
+    assert res.returncode == 0, res.stderr
+    for row in ("overall", "shapes/color", "shapes/shape", "shapes/direction"):
+        assert row in res.stdout
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert report["prompts"] == split_prompts(0)[1]
+    (base,) = report["results"]
+    assert base["model"] == "base" and 0.0 <= base["overall"] <= 1.0
+    assert set(base["per_prompt"]) == set(split_prompts(0)[1])
+    width, height = Image.open(tmp_path / "e.png").size
+    assert width > 200 and height > 100
+
+
+def test_eval_sampling_is_deterministic_and_uses_the_ode():
+    cfg = load_config("demo")
+    adapter = load_model(cfg, None, torch.device("cpu"))
+    prompts = split_prompts(0)[1][:2]
+    a = sample_videos(adapter, cfg, prompts, 2, seed=5, show_progress=False)
+    b = sample_videos(adapter, cfg, prompts, 2, seed=5, show_progress=False, batch=1)
+    assert a.shape == (4, cfg.video.frames, 3, cfg.video.height, cfg.video.width)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+    assert not torch.allclose(a[0], a[1])
+
+
+@pytest.mark.slow
+def test_eval_of_a_checkpoint_compares_base_and_trained(tmp_path):
+    cfg = load_config("demo", [f"output_dir={tmp_path / 'run'}", "train.iterations=1", "train.sample_every=0",
+                               "train.lr=3e-3"])
+    Trainer(cfg, show_progress=False).train()
+    ckpt = find_checkpoint(tmp_path / "run")
+    assert ckpt.parent.name == "checkpoints"
+    base, trained = evaluate(cfg, tmp_path / "run", samples=1, show_progress=False)
+    assert (base.label, trained.label) == ("base", "trained")
+    assert not torch.equal(base.videos, trained.videos)  # the checkpoint's weights were loaded
+    res = _megaflow("eval", "--config", "demo", "--checkpoint", str(ckpt), "--samples", "1",
+                    "--image", str(tmp_path / "cmp.png"), "--json", str(tmp_path / "cmp.json"), "--no-progress")
+    assert res.returncode == 0, res.stderr
+    assert [r["model"] for r in json.loads((tmp_path / "cmp.json").read_text())["results"]] == ["base", "trained"]
+
+
+def test_missing_or_empty_checkpoint_is_a_one_line_error(tmp_path):
+    res = _megaflow("eval", "--config", "demo", "--checkpoint", str(tmp_path / "nope"))
+    assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "does not exist" in res.stderr
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="no megaflow checkpoint"):
+        find_checkpoint(tmp_path / "empty")

@@ -1,0 +1,81 @@
+"""The `shapes` verifier: accuracy on ground-truth clips of the shapes world, partial credit, errors."""
+import pytest
+import torch
+
+from megaflow.demo.world import BACKGROUND, all_attributes, parse_prompt, render_clip
+from megaflow.errors import ConfigError, RewardError
+from megaflow.rewards import RewardSet, available_rewards
+from megaflow.rewards.shapes import ATTRIBUTES, ShapesReward, estimate
+
+
+def _blur(video: torch.Tensor) -> torch.Tensor:
+    """A 3×3 box blur per frame and channel: `[F, 3, H, W]` → same shape (a soft decoder's look)."""
+    f, c, h, w = video.shape
+    kernel = torch.full((c, 1, 3, 3), 1 / 9)
+    padded = torch.nn.functional.pad(video, (1, 1, 1, 1), mode="replicate")
+    return torch.nn.functional.conv2d(padded, kernel, groups=c)
+
+
+def _accuracy(transform) -> dict[str, float]:
+    hits = {a: 0.0 for a in ATTRIBUTES}
+    clips = [(attrs, seed, i) for seed in (11, 12) for i, attrs in enumerate(all_attributes())]
+    for attrs, seed, i in clips:
+        video = transform(render_clip(attrs, seed, i), seed * 1000 + i)
+        for a, hit in estimate(video).matches(attrs.prompt).items():
+            hits[a] += hit
+    return {a: h / len(clips) for a, h in hits.items()}
+
+
+def test_accuracy_on_ground_truth_clips_is_at_least_95_percent_per_attribute():
+    acc = _accuracy(lambda v, s: v)
+    assert all(v >= 0.95 for v in acc.values()), acc
+
+
+def test_accuracy_on_blurred_noisy_clips_is_at_least_95_percent_per_attribute():
+    def degrade(video, seed):
+        noise = 0.03 * torch.randn(video.shape, generator=torch.Generator().manual_seed(seed))
+        return (_blur(video) + noise).clamp(0, 1)
+
+    acc = _accuracy(degrade)
+    assert all(v >= 0.95 for v in acc.values()), acc
+
+
+def test_partial_credit_is_the_fraction_of_matched_attributes():
+    video = render_clip(parse_prompt("a red circle moving left"), seed=3)[None]
+    reward = ShapesReward()
+    prompts = ["a red circle moving left", "a red circle moving right", "a red square moving up",
+               "a blue square moving right"]
+    scores = reward(video.expand(4, -1, -1, -1, -1), prompts, [{}] * 4)
+    torch.testing.assert_close(scores, torch.tensor([1.0, 2 / 3, 1 / 3, 0.0]))
+
+
+def test_every_shape_colour_and_direction_is_told_apart():
+    for attrs in all_attributes():
+        est = estimate(render_clip(attrs, seed=5))
+        assert (est.color, est.shape, est.direction) == (attrs.color, attrs.shape, attrs.direction)
+
+
+def test_blank_and_static_videos_get_no_credit_for_what_they_do_not_show():
+    blank = torch.tensor(BACKGROUND).view(1, 1, 3, 1, 1).expand(1, 9, 3, 32, 32).clone()
+    assert float(ShapesReward()(blank, ["a red circle moving left"], [{}])[0]) == 0.0
+    frame = render_clip(parse_prompt("a green square moving up"), seed=1)[:1]
+    static = frame.expand(9, -1, -1, -1)[None]
+    est = estimate(static[0])
+    assert est.direction is None and est.color == "green" and est.shape == "square"
+    assert float(ShapesReward()(static, ["a green square moving up"], [{}])[0]) == pytest.approx(2 / 3)
+
+
+def test_registered_and_used_through_reward_set():
+    assert "shapes" in available_rewards()
+    rewards = RewardSet({"shapes": 1.0}, {"shapes": {"weights": {"color": 1, "shape": 0, "direction": 0}}})
+    video = render_clip(parse_prompt("a yellow triangle moving down"), seed=2)[None]
+    out = rewards(video, ["a yellow square moving up"], [{}])
+    assert float(out["shapes"][0]) == 1.0
+
+
+def test_prompts_outside_the_world_and_bad_options_are_clear_errors():
+    video = render_clip(parse_prompt("a red circle moving left"), seed=0)[None]
+    with pytest.raises(RewardError, match="not a shapes-world caption"):
+        RewardSet({"shapes": 1.0})(video, ["a cat on a mat"], [{}])
+    with pytest.raises(ConfigError, match="weights"):
+        RewardSet({"shapes": 1.0}, {"shapes": {"weights": {"size": 1.0}}})
