@@ -22,10 +22,9 @@ from megaflow.monitor.progress import progress
 from megaflow.rewards import RewardSet
 from megaflow.sampling import flow_sigmas, step
 from megaflow.seeds import generator
+from megaflow.trainer.state import COMPLETE_MARKER, complete_checkpoints
 
 #: Files that mark a training checkpoint (see `megaflow.trainer.state`).
-LORA_FILE = "pytorch_lora_weights.safetensors"
-MARKER_FILE = "megaflow_checkpoint.json"
 
 
 @dataclass
@@ -50,13 +49,12 @@ def find_checkpoint(path: str | Path) -> Path:
     if not path.is_dir():
         raise ModelLoadError(f"checkpoint folder {path} does not exist; give a run's output folder "
                              "(e.g. runs/demo) or one of its checkpoints/iteration_NNNNNN folders")
-    if (path / MARKER_FILE).is_file():
+    if (path / COMPLETE_MARKER).is_file():
         return path
-    found = sorted((path / "checkpoints").glob("iteration_*")) if (path / "checkpoints").is_dir() else []
-    found = [p for p in found if (p / MARKER_FILE).is_file()]
+    found = complete_checkpoints(path, warn=True)
     if not found:
-        raise ModelLoadError(f"{path} holds no megaflow checkpoint (no {MARKER_FILE}, no checkpoints/iteration_* "
-                             "folder); train first, e.g. `megaflow train --config demo`")
+        raise ModelLoadError(f"{path} holds no complete megaflow checkpoint (no {COMPLETE_MARKER}, no complete "
+                             "checkpoints/iteration_* folder); train first, e.g. `megaflow train --config demo`")
     return found[-1]
 
 
@@ -68,15 +66,9 @@ def load_model(cfg: Config, checkpoint: Path | None, device: torch.device) -> Mo
         resolve_model_path(cfg.model.path), dtype=torch.float32, device=device)
     if checkpoint is None:
         return adapter
-    info = json.loads((checkpoint / MARKER_FILE).read_text())
+    info = json.loads((checkpoint / COMPLETE_MARKER).read_text())
     try:
-        if info.get("lora", True):
-            adapter.transformer.load_lora_adapter(str(checkpoint), prefix="transformer", weight_name=LORA_FILE)
-        else:
-            from diffusers import WanTransformer3DModel
-
-            adapter.transformer = WanTransformer3DModel.from_pretrained(
-                checkpoint / "transformer", torch_dtype=torch.float32).to(device).eval().requires_grad_(False)
+        adapter.load_trainable(checkpoint, lora=info.get("lora", True))
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ModelLoadError(f"cannot load checkpoint {checkpoint} into {cfg.model.path}: {e}") from e
     return adapter

@@ -17,6 +17,9 @@ from typing import Any, ClassVar, Iterator, Sequence
 import torch
 from torch import nn
 
+#: File name diffusers' `save_lora_weights` / `load_lora_weights` use for LoRA adapters.
+LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
+
 
 @dataclass
 class Conditioning:
@@ -204,6 +207,17 @@ class ModelAdapter(abc.ABC):
                 self.transformer = trained
         else:
             raise RuntimeError("no reference policy: call enable_full_finetune(keep_reference=True) or apply_lora first")
+
+    def load_trainable(self, directory: str | Path, *, lora: bool) -> None:
+        """Load what `save_trainable` wrote (for evaluation, frozen): LoRA adapters from
+        `LORA_WEIGHTS_FILE`, or a full fine-tune's `transformer/` replacing the transformer."""
+        directory = Path(directory)
+        if lora:
+            self.transformer.load_lora_adapter(str(directory), prefix="transformer", weight_name=LORA_WEIGHTS_FILE)
+        else:
+            self.transformer = type(self.transformer).from_pretrained(
+                directory / "transformer", torch_dtype=self.transformer_dtype).to(self.device)
+        self.transformer.eval().requires_grad_(False)
 
     @abc.abstractmethod
     def save_trainable(self, directory: str | Path) -> None:

@@ -64,5 +64,8 @@ def test_missing_or_empty_checkpoint_is_a_one_line_error(tmp_path):
     res = _megaflow("eval", "--config", "demo", "--checkpoint", str(tmp_path / "nope"))
     assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "does not exist" in res.stderr
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelLoadError, match="no megaflow checkpoint"):
+    with pytest.raises(ModelLoadError, match="holds no complete megaflow checkpoint"):
+        find_checkpoint(tmp_path / "empty")
+    (tmp_path / "empty" / "checkpoints" / "iteration_000001").mkdir(parents=True)  # a write that never finished
+    with pytest.raises(ModelLoadError, match="holds no complete megaflow checkpoint"):
         find_checkpoint(tmp_path / "empty")
