@@ -6,6 +6,7 @@ path. Unknown keys and values of the wrong type are errors that name the key and
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -277,10 +278,29 @@ def apply_override(cfg: Config, assignment: str) -> None:
             if dataclasses.is_dataclass(tp):
                 raise ConfigError(f"config key '{key}' is a section; set one of its keys, e.g. {key}.{dataclasses.fields(tp)[0].name}=...")
             setattr(obj, part, _coerce(raw, tp, key))
+        elif typing.get_origin(tp) is dict:
+            setattr(obj, part, _coerce(_set_in_mapping(getattr(obj, part), parts[i + 1:], raw, tp), tp,
+                                       ".".join(parts[:i + 1])))
+            return
         else:
             if not dataclasses.is_dataclass(tp):
                 raise _unknown_key(key)
             obj = getattr(obj, part)
+
+
+def _set_in_mapping(mapping: dict[str, Any], path: list[str], raw: str, tp: Any) -> dict[str, Any]:
+    """A copy of a mapping-valued key with `path` (e.g. ["shapes", "soft"] of
+    `reward.options.shapes.soft`) set to the YAML value `raw`; missing levels are created."""
+    out = copy.deepcopy(mapping)
+    node = out
+    for name in path[:-1]:
+        child = node.setdefault(name, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set '{'.'.join(path)}' inside a mapping: '{name}' holds {child!r}, not a mapping")
+        node = child
+    _, val_tp = typing.get_args(tp)
+    node[path[-1]] = raw if len(path) == 1 and val_tp is not Any else yaml.safe_load(raw)
+    return out
 
 
 def builtin_recipes() -> list[str]:

@@ -16,6 +16,20 @@ def test_builtin_recipe_by_name_and_path_with_repeated_overrides(tmp_path):
     assert again == cfg
 
 
+def test_overrides_reach_inside_mapping_keys():
+    cfg = load_config("tiny", ["reward.components.contrast=0.5", "reward.options.contrast.unused=1",
+                               "reward.options.color.target=[0.1, 0.2, 0.3]"])
+    assert cfg.reward.components == {"brightness": 1.0, "contrast": 0.5}
+    assert cfg.reward.options == {"brightness": {"target": 0.8}, "contrast": {"unused": 1},
+                                  "color": {"target": [0.1, 0.2, 0.3]}}
+    with pytest.raises(ConfigError, match="reward.components.*expects a number"):
+        load_config("tiny", ["reward.components.contrast=lots"])
+    with pytest.raises(ConfigError, match="reward.options.*expects a mapping"):
+        load_config("tiny", ["reward.options.contrast=1"])
+    with pytest.raises(ConfigError, match="'target' holds 0.8, not a mapping"):
+        load_config("tiny", ["reward.options.brightness.target.red=1"])
+
+
 def test_unknown_key_names_it_and_the_closest_valid_key():
     with pytest.raises(ConfigError, match=r"unknown config key 'train.iteratons'; did you mean 'train.iterations'"):
         load_config("tiny", ["train.iteratons=3"])

@@ -20,6 +20,10 @@ def _pretrain_demo(args: argparse.Namespace) -> int:
             if value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
             setattr(settings, name, value)
+    if args.caption_noise is not None:
+        if not 0 <= args.caption_noise <= 1:
+            raise ConfigError(f"--caption-noise must be in [0, 1], got {args.caption_noise}")
+        settings.caption_noise = args.caption_noise
     output = Path(args.output) if args.output else BASE_MODEL_DIR
     record = pretrain(output, settings, show_progress=not args.no_progress)
     print(f"wrote {output} in {record['total_seconds']:.0f} s (VAE reconstruction MSE {record['vae_mse']:.5f}, "
@@ -52,12 +56,14 @@ def _eval(args: argparse.Namespace) -> int:
 
 def add_demo_commands(sub: argparse._SubParsersAction) -> None:
     """Register `pretrain-demo` and `eval` on the top-level subparsers."""
-    pre = sub.add_parser("pretrain-demo", help="pretrain the demo's tiny shapes-world Wan model (~20 min on a 2-core CPU)")
+    pre = sub.add_parser("pretrain-demo", help="pretrain the demo's tiny shapes-world Wan model (~25 min on a 2-core CPU)")
     pre.add_argument("--output", help="model folder to write (default: the package's megaflow/demo/base_model)")
     pre.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and training (default 0)")
     pre.add_argument("--vae-steps", type=int, help="VAE training steps (default 1000)")
-    pre.add_argument("--dit-steps", type=int, help="transformer training steps (default 700)")
+    pre.add_argument("--dit-steps", type=int, help="transformer training steps (default 5000)")
     pre.add_argument("--clips", type=int, help="training clips rendered (default 768)")
+    pre.add_argument("--caption-noise", type=float, help="probability that each attribute of a training caption is "
+                                                          "replaced by a random one (default 0.5)")
     pre.add_argument("--no-progress", action="store_true", help="hide progress bars")
     pre.set_defaults(func=_pretrain_demo)
 

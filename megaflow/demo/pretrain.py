@@ -7,6 +7,12 @@ matching on the VAE's normalised latents: `x_σ = (1 − σ)·x0 + σ·ε`, targ
 The text encoder is a tiny UMT5 with seeded random weights, kept frozen: the word-level
 tokenizer gives each word its own id, so different prompts give different embeddings, and the
 transformer's cross-attention learns to read them. The result is a `WanPipeline` folder.
+
+The captions are noisy, as web captions are: each attribute of a clip's caption is replaced by a
+random value with probability `caption_noise`, drawn anew at every step. The transformer thus
+learns a mixture (mostly the right clip, sometimes a wrong colour, shape or direction), which is
+the kind of imperfect base model GRPO with a verifier is for: it sharpens the mixture towards the
+prompt.
 """
 from __future__ import annotations
 
@@ -21,7 +27,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from megaflow.demo.world import COLORS, DIRECTIONS, FRAMES, HEIGHT, SHAPES, WIDTH, sample_dataset, split_prompts
+from megaflow.demo.world import (COLORS, DIRECTIONS, FRAMES, HEIGHT, SHAPES, WIDTH, parse_prompt, sample_dataset,
+                                 split_prompts)
 from megaflow.monitor.progress import progress
 from megaflow.sampling.schedule import shift_sigmas
 
@@ -42,12 +49,13 @@ class PretrainSettings:
     clips: int = 768  #: training clips (rendered once, from the training prompts)
     vae_steps: int = 1000
     vae_batch: int = 8
-    vae_frames: int = 5  #: the VAE trains on the first frames only (weights are shared over time): 2× faster
+    vae_frames: int = FRAMES  #: frames of each clip the VAE trains on (all: later latent frames decode as well as early ones)
     vae_lr: float = 2e-3
-    dit_steps: int = 700
+    dit_steps: int = 5000
     dit_batch: int = 32
     dit_lr: float = 1e-3
     caption_dropout: float = 0.1  #: fraction of empty prompts (for classifier-free guidance)
+    caption_noise: float = 0.5  #: probability that each attribute of a caption is replaced by a random value
     shift: float = 3.0  #: σ ~ shift(U(0, 1)), the same shift the recipe samples with
 
 
@@ -147,13 +155,43 @@ def encode_text(tokenizer, text_encoder: nn.Module, prompts: list[str]) -> torch
     return hidden * tok.attention_mask[..., None]
 
 
-def train_transformer(transformer: nn.Module, latents: torch.Tensor, embeds: torch.Tensor, empty: torch.Tensor,
-                      s: PretrainSettings, show_progress: bool = True,
+class NoisyCaptions:
+    """Caption ids with each attribute replaced by a random value with probability `p`.
+
+    `prompts` is the list the ids index (the training split); a corrupted caption that falls
+    outside it (a held-out combination) keeps the clip's own caption, so held-out prompts are
+    never seen in training.
+    """
+
+    def __init__(self, prompts: list[str], p: float) -> None:
+        if not 0 <= p <= 1:
+            raise ValueError(f"caption_noise must be in [0, 1], got {p}")
+        self.p = p
+        names = (list(COLORS), list(SHAPES), list(DIRECTIONS))
+        attrs = [parse_prompt(q) for q in prompts]
+        self.codes = torch.tensor([[names[0].index(a.color), names[1].index(a.shape), names[2].index(a.direction)]
+                                   for a in attrs])  # [P, 3]
+        self.sizes = torch.tensor([len(n) for n in names])
+        self.lookup = torch.full(tuple(self.sizes.tolist()), -1, dtype=torch.long)  # triple -> prompt id
+        self.lookup[tuple(self.codes.T)] = torch.arange(len(prompts))
+
+    def __call__(self, ids: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """Prompt ids `[B]` → noisy prompt ids `[B]`."""
+        codes = self.codes[ids]
+        swap = torch.rand(codes.shape, generator=g) < self.p
+        random = (torch.rand(codes.shape, generator=g) * self.sizes).long()
+        noisy = self.lookup[tuple(torch.where(swap, random, codes).T)]
+        return torch.where(noisy >= 0, noisy, ids)
+
+
+def train_transformer(transformer: nn.Module, latents: torch.Tensor, caption_ids: torch.Tensor, table: torch.Tensor,
+                      empty: torch.Tensor, captions: NoisyCaptions, s: PretrainSettings, show_progress: bool = True,
                       on_step: Callable[[int, nn.Module], None] | None = None) -> float:
-    """Flow matching on normalised `latents [N, C, F, H, W]` with `embeds [N, L, D]`; `empty [1, L, D]`
-    replaces a `caption_dropout` fraction of them. The learning rate is constant after a 50-step
-    warm-up, so the model after k of n steps equals the model of a k-step run; `on_step(k, model)`
-    is called after every step. Returns the final (smoothed) loss."""
+    """Flow matching on normalised `latents [N, C, F, H, W]` captioned by `caption_ids [N]` into the
+    prompt embeddings `table [P, L, D]`, made noisy by `captions`; `empty [1, L, D]` replaces a
+    `caption_dropout` fraction. The learning rate is constant after a 50-step warm-up, so the
+    model after k of n steps equals the model of a k-step run; `on_step(k, model)` is called after
+    every step. Returns the final (smoothed) loss."""
     g = torch.Generator().manual_seed(s.seed + 10)
     opt = torch.optim.AdamW(transformer.parameters(), lr=s.dit_lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / 50))
@@ -163,7 +201,7 @@ def train_transformer(transformer: nn.Module, latents: torch.Tensor, embeds: tor
     for done in bar:
         idx = torch.randint(0, latents.shape[0], (s.dit_batch,), generator=g)
         x0 = latents[idx]
-        cond = embeds[idx].clone()
+        cond = table[captions(caption_ids[idx], g)]
         drop = torch.rand(s.dit_batch, generator=g) < s.caption_dropout
         cond[drop] = empty
         sigma = shift_sigmas(torch.rand(s.dit_batch, generator=g), s.shift).view(-1, 1, 1, 1, 1)
@@ -213,10 +251,15 @@ def pretrain(output: str | Path, settings: PretrainSettings | None = None, show_
     t_vae = time.perf_counter() - t0
     raw = encode_latents(vae, clips)
     latents = normalise_latents(vae, raw)
-    embeds, empty = caption_embeddings(tokenizer, text_encoder, captions, train_prompts)
-    dit_loss = train_transformer(transformer, latents, embeds, empty, s, show_progress)
+    table = encode_text(tokenizer, text_encoder, train_prompts)
+    empty = encode_text(tokenizer, text_encoder, [""])
+    caption_ids = torch.tensor([train_prompts.index(c) for c in captions])
+    dit_loss = train_transformer(transformer, latents, caption_ids, table, empty,
+                                 NoisyCaptions(train_prompts, s.caption_noise), s, show_progress)
+    total = time.perf_counter() - t0
     record = {"settings": asdict(s), "vae_mse": vae_mse, "transformer_loss": dit_loss,
-              "vae_seconds": round(t_vae, 1), "total_seconds": round(time.perf_counter() - t0, 1),
+              "vae_seconds": round(t_vae, 1), "transformer_seconds": round(total - t_vae, 1),
+              "total_seconds": round(total, 1),
               "video": {"frames": FRAMES, "height": HEIGHT, "width": WIDTH}}
     save_pipeline(output, tokenizer, text_encoder, vae, transformer, record)
     return record
@@ -228,11 +271,3 @@ def normalise_latents(vae: nn.Module, raw: torch.Tensor) -> torch.Tensor:
     mean, std = raw.mean(dim=(0, 2, 3, 4)), raw.std(dim=(0, 2, 3, 4))
     vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
     return (raw - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)
-
-
-def caption_embeddings(tokenizer, text_encoder: nn.Module, captions: list[str],
-                       prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Embeddings of each caption `[N, L, D]` (computed once per distinct prompt) and of "" `[1, L, D]`."""
-    table = encode_text(tokenizer, text_encoder, prompts)
-    embeds = table[torch.tensor([prompts.index(c) for c in captions])]
-    return embeds, encode_text(tokenizer, text_encoder, [""])

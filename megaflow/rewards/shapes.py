@@ -5,10 +5,18 @@ estimated from the frame border), and estimates its colour (nearest palette colo
 object's median pixel), its shape (how much of its bounding box it fills, and whether it is
 narrower at the top than at the bottom) and its direction (the dominant axis and sign of the
 centroid's motion). The score is the fraction of the prompt's three attributes matched.
+
+With `soft=True` each attribute earns partial credit in [0, 1] instead of 0 or 1: the colour and
+shape scores are the verifier's probabilities of the prompt's colour / shape (a softmax over
+distances to the palette / to each shape's typical (fill, taper) features), and the direction
+score is the cosine between the object's travel and the prompt's direction, scaled down while
+the travel is under 4 px. Clips the hard verifier reads correctly score near 1, and a video that
+is closer to the prompt scores higher, which gives GRPO a graded signal within a group.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,6 +33,15 @@ _MASK_FRACTION = 0.5
 _MIN_CONTRAST = 0.25
 #: ... and the object covers at least this many pixels.
 _MIN_AREA = 6
+#: Soft colour: softmax temperature (RGB distance) over the palette.
+_COLOR_TAU = 0.1
+#: Soft shape: each shape's typical (bounding-box fill, top/bottom width ratio) on rendered clips,
+#: and the spread of each feature.
+_SHAPE_FEATURES: dict[str, tuple[float, float]] = {"circle": (0.81, 1.0), "square": (1.0, 1.0),
+                                                   "triangle": (0.56, 0.18)}
+_SHAPE_SPREAD = (0.06, 0.25)
+#: Soft direction: full credit needs at least this much travel (pixels over the clip).
+_FULL_TRAVEL = 4.0
 
 
 @dataclass
@@ -35,6 +52,19 @@ class Estimate:
     shape: str | None
     direction: str | None
     found_frames: int
+    color_probs: dict[str, float] = field(default_factory=dict)  #: soft colour credit per palette colour
+    shape_probs: dict[str, float] = field(default_factory=dict)  #: soft shape credit per shape
+    travel: tuple[float, float] = (0.0, 0.0)  #: the object's (dx, dy) over the clip, pixels
+
+    def soft_matches(self, prompt: str) -> dict[str, float]:
+        """Attribute name → partial credit in [0, 1] for the prompt's colour, shape and direction."""
+        target = parse_prompt(prompt)
+        dx, dy = self.travel
+        ux, uy = DIRECTIONS[target.direction]
+        length = math.hypot(dx, dy)
+        direction = max(0.0, dx * ux + dy * uy) / max(length, _FULL_TRAVEL)
+        return {"color": self.color_probs.get(target.color, 0.0), "shape": self.shape_probs.get(target.shape, 0.0),
+                "direction": direction}
 
     def matches(self, prompt: str) -> dict[str, float]:
         """Attribute name → 1.0 if it matches the prompt's, else 0.0."""
@@ -53,22 +83,31 @@ def _object_masks(video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return masks, found
 
 
-def _shape_of(mask: torch.Tensor) -> str:
-    """A boolean `[H, W]` mask → "circle", "square" or "triangle" from its bounding-box fill
-    and its width near the top vs near the bottom."""
+def _shape_features(mask: torch.Tensor) -> tuple[float, float]:
+    """A boolean `[H, W]` mask → (bounding-box fill, mean width of the top quarter / of the bottom quarter)."""
     rows = mask.any(1).nonzero().flatten()
     cols = mask.any(0).nonzero().flatten()
     box = mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].float()
-    fill = float(box.mean())
     widths = box.sum(1)
-    h = box.shape[0]
-    k = max(1, h // 4)
+    k = max(1, box.shape[0] // 4)
     top, bottom = float(widths[:k].mean()), float(widths[-k:].mean())
-    if bottom > 0 and top / bottom < 0.6 and fill < 0.75:
+    return float(box.mean()), (top / bottom if bottom > 0 else 2.0)
+
+
+def _shape_of(fill: float, taper: float) -> str:
+    """"circle", "square" or "triangle" from a mask's fill and taper (narrower at the top: triangle)."""
+    if taper < 0.6 and fill < 0.75:
         return "triangle"
     if fill > 0.88:
         return "square"
     return "circle"
+
+
+def _shape_probs(fill: float, taper: float) -> torch.Tensor:
+    """Soft shape credit `[len(SHAPES)]`: a softmax over scaled distances to each shape's typical features."""
+    feats = torch.tensor([_SHAPE_FEATURES[s] for s in SHAPES])
+    z = (torch.tensor([fill, min(taper, 2.0)]) - feats) / torch.tensor(_SHAPE_SPREAD)
+    return torch.softmax(-0.5 * z.pow(2).sum(1), dim=0)
 
 
 def estimate(video: torch.Tensor) -> Estimate:
@@ -82,10 +121,14 @@ def estimate(video: torch.Tensor) -> Estimate:
     pixels = torch.cat([video[f].permute(1, 2, 0)[masks[f]] for f in frames.tolist()])  # [P, 3]
     rgb = pixels.median(dim=0).values
     palette = torch.tensor(list(COLORS.values()))
-    color = list(COLORS)[int((palette - rgb).norm(dim=1).argmin())]
-    votes = [_shape_of(masks[f]) for f in frames.tolist()]
+    dist = (palette - rgb).norm(dim=1)
+    color = list(COLORS)[int(dist.argmin())]
+    color_probs = torch.softmax(-0.5 * (dist / _COLOR_TAU).pow(2), dim=0)
+    feats = [_shape_features(masks[f]) for f in frames.tolist()]
+    votes = [_shape_of(*f) for f in feats]
     shape = max(SHAPES, key=votes.count)
-    direction = None
+    shape_probs = torch.stack([_shape_probs(*f) for f in feats]).mean(0)
+    direction, travel = None, (0.0, 0.0)
     if n_found >= 2:
         h, w = masks.shape[1:]
         ys = torch.arange(h, dtype=torch.float32)[:, None]
@@ -98,24 +141,31 @@ def estimate(video: torch.Tensor) -> Estimate:
         vx = float((t * (cx - cx.mean())).sum() / (t * t).sum())
         vy = float((t * (cy - cy.mean())).sum() / (t * t).sum())
         span = float(frames[-1] - frames[0])
+        travel = (vx * span, vy * span)
         if max(abs(vx), abs(vy)) * span >= 2.0:  # at least 2 px of travel
             if abs(vx) >= abs(vy):
                 direction = "right" if vx > 0 else "left"
             else:
                 direction = "down" if vy > 0 else "up"
-    return Estimate(color, shape, direction, n_found)
+    return Estimate(color, shape, direction, n_found, dict(zip(COLORS, color_probs.tolist())),
+                    dict(zip(SHAPES, shape_probs.tolist())), travel)
 
 
 @register_reward("shapes")
 class ShapesReward:
     """Fraction of the prompt's colour, shape and direction that the video shows: float32 `[B]`
-    in {0, 1/3, 2/3, 1}. Prompts must be shapes-world captions ("a red circle moving left").
+    in {0, 1/3, 2/3, 1} (in [0, 1] with `soft`). Prompts must be shapes-world captions
+    ("a red circle moving left").
 
-    Option `weights`: per-attribute weights (default equal), normalised to sum 1.
+    Option `weights`: per-attribute weights (default equal), normalised to sum 1. Option `soft`:
+    partial credit per attribute (see the module docstring) instead of 0/1.
     """
 
-    def __init__(self, weights: dict[str, float] | None = None) -> None:
-        """Score attributes with `weights` (keys among color, shape, direction)."""
+    def __init__(self, weights: dict[str, float] | None = None, soft: bool = False) -> None:
+        """Score attributes with `weights` (keys among color, shape, direction); `soft` for partial credit."""
+        if not isinstance(soft, bool):
+            raise ConfigError(f"reward 'shapes': option soft must be true or false, got {soft!r}")
+        self.soft = soft
         weights = dict(weights or {a: 1.0 for a in ATTRIBUTES})
         unknown = sorted(set(weights) - set(ATTRIBUTES))
         if unknown or not weights or any(float(v) < 0 for v in weights.values()) or sum(weights.values()) <= 0:
@@ -125,8 +175,9 @@ class ShapesReward:
         self.weights = {a: float(weights.get(a, 0.0)) / total for a in ATTRIBUTES}
 
     def attribute_scores(self, videos: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """Per-attribute matches of videos `[B, F, 3, H, W]`: attribute → float32 `[B]` of 0/1."""
-        rows = [estimate(v).matches(p) for v, p in zip(videos, prompts)]
+        """Per-attribute matches of videos `[B, F, 3, H, W]`: attribute → float32 `[B]` of 0/1
+        (partial credit in [0, 1] with `soft`)."""
+        rows = [estimate(v).soft_matches(p) if self.soft else estimate(v).matches(p) for v, p in zip(videos, prompts)]
         return {a: torch.tensor([r[a] for r in rows], dtype=torch.float32) for a in ATTRIBUTES}
 
     def __call__(self, videos: torch.Tensor, prompts: list[str], metadata: list[dict[str, Any]]) -> torch.Tensor:

@@ -6,13 +6,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import WanPipeline
+from diffusers import AutoencoderKLWan, WanPipeline
 from safetensors.torch import load_file
 
 import megaflow.demo
+from megaflow.config import load_config
 from megaflow.demo import base_model_dir
+from megaflow.demo.evaluate import evaluate
 from megaflow.demo.pretrain import PretrainSettings, pretrain
-from megaflow.demo.world import FRAMES, HEIGHT, WIDTH
+from megaflow.demo.world import FRAMES, HEIGHT, WIDTH, sample_dataset
 from megaflow.errors import ModelLoadError
 from megaflow.trainer.loop import resolve_model_path
 
@@ -27,6 +29,25 @@ def test_wan_pipeline_generates_a_video_from_the_shipped_folder():
     video = out.frames[0]
     assert tuple(video.shape) == (FRAMES, 3, HEIGHT, WIDTH)
     assert torch.isfinite(video).all() and float(video.std()) > 0.01
+
+
+def test_base_model_follows_its_prompts_partly_and_leaves_room_to_learn():
+    """The issue's bar for the base model: a held-out ODE score between 0.2 and 0.75 (pretraining on
+    noisy captions makes it a mixture that GRPO sharpens)."""
+    (base,) = evaluate(load_config("demo"), samples=4, show_progress=False)
+    assert 0.2 <= base.overall <= 0.75, base.components
+    assert base.components["shapes/color"] > 0.25  # above the 1-in-4 of ignoring the prompt's colour
+
+
+def test_vae_reconstructs_late_frames_as_well_as_early_ones():
+    """The VAE trains on all frames: a VAE fitted on the first 5 decoded frames 6-9 with 20x the error."""
+    vae = AutoencoderKLWan.from_pretrained(base_model_dir(), subfolder="vae")
+    clips, _ = sample_dataset(8, seed=99)
+    with torch.no_grad():
+        x = clips.permute(0, 2, 1, 3, 4) * 2 - 1
+        recon = (vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1) + 1) / 2
+    mse = (recon.permute(0, 2, 1, 3, 4) - clips).pow(2).mean(dim=(0, 2, 3, 4))  # [F]
+    assert float(mse.max()) < 0.005 and float(mse[5:].mean()) < 2 * float(mse[:5].mean()), mse
 
 
 def test_shipped_folder_is_small_and_commit_friendly():
@@ -61,10 +82,14 @@ def test_pretraining_is_seeded_and_reproducible(tmp_path):
 def test_pretrain_demo_command_writes_a_loadable_folder(tmp_path):
     out = tmp_path / "model"
     res = subprocess.run([sys.executable, "-m", "megaflow", "pretrain-demo", "--output", str(out), "--seed", "1",
-                          "--vae-steps", "1", "--dit-steps", "1", "--clips", "4", "--no-progress"],
-                         capture_output=True, text=True, timeout=300)
+                          "--vae-steps", "1", "--dit-steps", "1", "--clips", "4", "--caption-noise", "0.25",
+                          "--no-progress"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert (out / "model_index.json").is_file() and "wrote" in res.stdout
+    assert json.loads((out / "megaflow_demo.json").read_text())["settings"]["caption_noise"] == 0.25
     bad = subprocess.run([sys.executable, "-m", "megaflow", "pretrain-demo", "--output", str(out), "--dit-steps", "0"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--dit-steps" in bad.stderr
+    noisy = subprocess.run([sys.executable, "-m", "megaflow", "pretrain-demo", "--output", str(out), "--caption-noise",
+                            "1.5"], capture_output=True, text=True, timeout=120)
+    assert noisy.returncode == 2 and "--caption-noise must be in [0, 1]" in noisy.stderr

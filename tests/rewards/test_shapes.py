@@ -79,3 +79,41 @@ def test_prompts_outside_the_world_and_bad_options_are_clear_errors():
         RewardSet({"shapes": 1.0})(video, ["a cat on a mat"], [{}])
     with pytest.raises(ConfigError, match="weights"):
         RewardSet({"shapes": 1.0}, {"shapes": {"weights": {"size": 1.0}}})
+
+
+def test_soft_credit_is_near_one_for_the_true_caption_and_ranks_wrong_ones_lower():
+    soft = ShapesReward(soft=True)
+    for attrs in all_attributes()[::5]:
+        video = render_clip(attrs, seed=4)[None]
+        true = float(soft(video, [attrs.prompt], [{}])[0])
+        assert true >= 0.9, (attrs, true)
+        others = [a for a in all_attributes() if a != attrs]
+        wrong = soft(video.expand(len(others), -1, -1, -1, -1), [a.prompt for a in others], [{}] * len(others))
+        misses = torch.tensor([sum(getattr(a, f) != getattr(attrs, f) for f in ("color", "shape", "direction"))
+                               for a in others])
+        assert float(wrong.max()) < true
+        # every caption wrong in one attribute scores above every caption wrong in all three
+        assert float(wrong[misses == 1].min()) > float(wrong[misses == 3].max())
+
+
+def test_soft_colour_credit_grows_as_the_object_moves_towards_the_prompted_colour():
+    red = render_clip(parse_prompt("a red circle moving left"), seed=6)
+    bg = torch.tensor(BACKGROUND).view(1, 3, 1, 1)
+    mask = (red - bg).abs().amax(1, keepdim=True) > 0.05
+    target, start = torch.tensor([0.95, 0.85, 0.15]), torch.tensor([0.90, 0.15, 0.15])  # yellow, red
+    credit = []
+    for t in (0.0, 0.25, 0.5, 0.75, 1.0):
+        colour = ((1 - t) * start + t * target).view(1, 3, 1, 1)
+        video = torch.where(mask, colour.expand_as(red), red)
+        credit.append(ShapesReward(soft=True).attribute_scores(video[None], ["a yellow circle moving left"])["color"])
+    credit = torch.cat(credit)
+    assert bool((credit[1:] >= credit[:-1]).all()) and credit[0] < 0.05 and credit[-1] > 0.95, credit
+
+
+def test_soft_direction_credit_follows_the_cosine_of_the_travel():
+    video = render_clip(parse_prompt("a blue square moving right"), seed=2)[None]
+    scores = ShapesReward(soft=True).attribute_scores(video.expand(3, -1, -1, -1, -1), [
+        "a blue square moving right", "a blue square moving up", "a blue square moving left"])["direction"]
+    assert scores[0] > 0.9 and scores[1] < 0.2 and scores[2] == 0.0, scores
+    with pytest.raises(ConfigError, match="soft must be true or false"):
+        ShapesReward(soft="yes")
