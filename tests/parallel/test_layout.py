@@ -57,24 +57,29 @@ def test_one_process_dp2_zero3_and_dp2_sp2_agree(tmp_path, tiny_wan_dir, megaflo
         got = L.metrics(run_dir)
         assert [m["iteration"] for m in got] == [1, 2]
         first, base = got[0], ref[0]
-        if name == "dp2":
-            # Each rank's transformer batches have the 1-process shapes and a row does not depend
-            # on the other rows: the rollout is bit-identical.
+        if name == "sp2_zero2":
+            # Without ZeRO-3 every rank runs the 1-process kernels on the 1-process batch shapes:
+            # bit-identical (Ulysses SP included).
             assert first["reward/mean"] == base["reward/mean"] and first["reward/std"] == base["reward/std"]
+            tol = 1e-4
         else:
-            # Under SP the GEMMs see L/2 token rows; rounding may differ (measured: identical here).
-            assert _rel(first["reward/mean"], base["reward/mean"]) < 1e-6
-            assert _rel(first["reward/std"], base["reward/std"]) < 1e-4
+            # ZeRO-3's forward is not bit-identical to plain torch on every CPU (its linear and
+            # partitioned parameters; on an AMD EPYC rewards differ by ~1e-5), and the tiny model's
+            # rewards spread by only ~0.003 within a group, so the advantages, and everything after
+            # them, differ by about 1 %. A layout bug (a missing dp or sp factor) is a factor of 2.
+            assert _rel(first["reward/mean"], base["reward/mean"]) < 1e-4, name
+            tol = 5e-2
+        assert _rel(first["reward/std"], base["reward/std"]) < tol, name
         assert first["policy/ratio_max_dev"] == 0.0
-        assert _rel(first["loss/total"], base["loss/total"]) < 1e-4, name
-        assert _rel(first["optim/grad_norm"], base["optim/grad_norm"]) < 1e-4, name
+        assert abs(first["loss/total"] - base["loss/total"]) < 1e-4 * max(1.0, abs(base["loss/total"])), name
+        assert _rel(first["optim/grad_norm"], base["optim/grad_norm"]) < tol, name
         assert first["optim/grad_norm"] > 0
         ours, theirs = _weights(run_dir, 1), _weights(single, 1)
         assert ours.keys() == theirs.keys()
         moved = 0
         for key, w in theirs.items():
             scale = float(w.abs().max())
-            assert float((ours[key] - w).abs().max()) <= 1e-5 * scale, (name, key)
+            assert float((ours[key] - w).abs().max()) <= (1e-5 if tol < 1e-3 else 2 * tol) * scale, (name, key)
             moved += int("lora_B" in key and scale > 0)
         assert moved > 0  # the update changed the weights being compared
 
