@@ -67,6 +67,7 @@ def _worker(rank: int, port: int, path: str) -> None:
             out.append((ref[0], got[0], ref[1], grad_x, ref[2], summed))
         if rank == 0:
             torch.save(out, path)
+        dist.barrier()  # neither rank tears gloo down while the other still uses it (seen: SIGABRT)
     finally:
         dist.destroy_process_group()
 
@@ -74,7 +75,15 @@ def _worker(rank: int, port: int, path: str) -> None:
 @pytest.mark.slow
 def test_wan_sp2_matches_sp1_output_and_gradients(tmp_path):
     path = str(tmp_path / "out.pt")
-    mp.start_processes(_worker, args=(free_port(), path), nprocs=2, start_method="spawn")
+    try:
+        mp.start_processes(_worker, args=(free_port(), path), nprocs=2, start_method="spawn")
+    except mp.ProcessExitedException as e:
+        # A worker killed by a signal (not by a failed check, which raises ProcessRaisedException):
+        # gloo aborted a rank about once in 35 runs on a 2-core AMD EPYC ("terminate called without
+        # an active exception"). Run once more; a second crash fails the test.
+        if e.signal_name != "SIGABRT":
+            raise
+        mp.start_processes(_worker, args=(free_port(), path), nprocs=2, start_method="spawn")
     out = torch.load(path, weights_only=True)
     for (f, h, w), (v_ref, v_sp, gx_ref, gx_sp, gp_ref, gp_sp) in zip(SHAPES, out):
         tokens = f * (h // 2) * (w // 2)
