@@ -10,9 +10,9 @@ transformer's cross-attention learns to read them. The result is a `WanPipeline`
 
 The captions are noisy, as web captions are: each attribute of a clip's caption is replaced by a
 random value with probability `caption_noise`, drawn anew at every step. The transformer thus
-learns a mixture (mostly the right clip, sometimes a wrong colour, shape or direction), which is
-the kind of imperfect base model GRPO with a verifier is for: it sharpens the mixture towards the
-prompt.
+learns a mixture (each attribute right more often than not, sometimes a wrong colour, shape
+or direction), the kind of imperfect base model GRPO with a verifier is for: it sharpens the
+mixture towards the prompt.
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ class PretrainSettings:
     clips: int = 768  #: training clips (rendered once, from the training prompts)
     vae_steps: int = 1000
     vae_batch: int = 8
-    vae_frames: int = FRAMES  #: frames of each clip the VAE trains on (all: later latent frames decode as well as early ones)
+    vae_frames: int = FRAMES  #: frames the VAE trains on (all, so late frames decode as well as early ones)
     vae_lr: float = 2e-3
     dit_steps: int = 5000
     dit_batch: int = 32
