@@ -299,6 +299,8 @@ def _set_in_mapping(mapping: dict[str, Any], path: list[str], raw: str, tp: Any)
             raise ConfigError(f"cannot set '{'.'.join(path)}' inside a mapping: '{name}' holds {child!r}, not a mapping")
         node = child
     _, val_tp = typing.get_args(tp)
+    # A typed top-level value (reward.components.NAME: float) stays text for `_coerce` to convert and
+    # report; anything deeper, or a value of type Any, is parsed as YAML here.
     node[path[-1]] = raw if len(path) == 1 and val_tp is not Any else yaml.safe_load(raw)
     return out
 
