@@ -56,7 +56,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 def add_demo_commands(sub: argparse._SubParsersAction) -> None:
     """Register `pretrain-demo` and `eval` on the top-level subparsers."""
-    pre = sub.add_parser("pretrain-demo", help="pretrain the demo's tiny shapes-world Wan model (~25 min on a 2-core CPU)")
+    pre = sub.add_parser("pretrain-demo", help="pretrain the demo's tiny shapes-world Wan model (~23 min on a 2-core CPU)")
     pre.add_argument("--output", help="model folder to write (default: the package's megaflow/demo/base_model)")
     pre.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and training (default 0)")
     pre.add_argument("--vae-steps", type=int, help="VAE training steps (default 1000)")
