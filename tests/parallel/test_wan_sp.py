@@ -79,7 +79,7 @@ def test_wan_sp2_matches_sp1_output_and_gradients(tmp_path):
         mp.start_processes(_worker, args=(free_port(), path), nprocs=2, start_method="spawn")
     except mp.ProcessExitedException as e:
         # A worker killed by a signal (not by a failed check, which raises ProcessRaisedException):
-        # gloo aborted a rank about once in 35 runs on a 2-core AMD EPYC ("terminate called without
+        # gloo aborted a rank once in 39 runs on a 2-core AMD EPYC ("terminate called without
         # an active exception"). Run once more; a second crash fails the test.
         if e.signal_name != "SIGABRT":
             raise
