@@ -19,7 +19,10 @@ def _train(args: argparse.Namespace) -> int:
     trainer = Trainer(cfg, show_progress=not args.no_progress, resume=args.resume)
     history = trainer.train()
     if trainer.topo.is_main:
-        if history:
+        if trainer.stopped_by:
+            print(f"stopped by {trainer.stopped_by} after iteration {trainer.start_iteration + len(history)} with a "
+                  f"checkpoint; continue with the same command and --resume auto")
+        elif history:
             print(f"done: {len(history)} iterations, final reward/mean {history[-1]['reward/mean']:.4f}; "
                   f"logs in {trainer.output_dir / 'logs'} (tensorboard --logdir {trainer.output_dir / 'logs'})")
         else:

@@ -32,6 +32,7 @@ class ModelConfig:
     lora_rank: int = 8
     lora_alpha: float = 8.0
     lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    init_weights: str | None = None  #: start from trainable weights `megaflow export` wrote (LoRA file or transformer/)
 
 
 @dataclass
@@ -413,6 +414,13 @@ def validate_config(cfg: Config) -> None:
     validate_parallel(cfg)
     if not cfg.data.prompt_file and not [p for p in cfg.data.prompts if p.strip()]:
         bad("no prompts: set data.prompt_file to a text file with one prompt per line, or list data.prompts")
+    if cfg.model.init_weights:
+        init = Path(cfg.model.init_weights)
+        need = init / ("pytorch_lora_weights.safetensors" if cfg.model.lora else "transformer")
+        if not need.exists():
+            bad(f"model.init_weights '{init}' has no {need.name} (what `megaflow export` writes for a "
+                f"{'LoRA' if cfg.model.lora else 'full fine-tuning'} run); export the weights there, or check "
+                "model.lora matches the run they came from")
     if cfg.model.lora and cfg.model.lora_rank < 1:
         bad(f"model.lora_rank must be >= 1, got {cfg.model.lora_rank}")
 

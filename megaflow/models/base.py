@@ -17,8 +17,19 @@ from typing import Any, ClassVar, Iterator, Sequence
 import torch
 from torch import nn
 
+from megaflow.models.streaming import Gather, load_model_streaming, no_gather, save_model_streaming
+
 #: File name diffusers' `save_lora_weights` / `load_lora_weights` use for LoRA adapters.
 LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
+
+
+def diffusers_param_dtype(model_cls: type, name: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype `model_cls.from_pretrained(torch_dtype=dtype)` gives parameter `name`: float32
+    for diffusers' `_keep_in_fp32_modules` (norms, time embedders, scale-shift tables), else
+    `dtype`."""
+    keep = getattr(model_cls, "_keep_in_fp32_modules", None) or []
+    keep = [keep] if isinstance(keep, str) else keep
+    return torch.float32 if any(k in name.split(".") for k in keep) else dtype
 
 
 @dataclass
@@ -177,11 +188,17 @@ class ModelAdapter(abc.ABC):
             if p.requires_grad:
                 p.data = p.data.float()
 
-    def enable_full_finetune(self, keep_reference: bool) -> None:
-        """Train every transformer weight; keep a frozen copy as the KL reference if asked."""
+    def enable_full_finetune(self, keep_reference: bool, reference_dtype: torch.dtype | None = None) -> None:
+        """Train every transformer weight; keep a frozen copy as the KL reference if asked, in
+        `reference_dtype` (the run's frozen dtype, with diffusers' keep-in-fp32 modules in fp32),
+        converted parameter by parameter so no second full-precision copy is ever made."""
         self.transformer.requires_grad_(True)
         if keep_reference:
-            self._reference = copy.deepcopy(self.transformer).requires_grad_(False).eval()
+            cls = type(self.transformer)
+            memo = {id(p): nn.Parameter(p.detach().to(diffusers_param_dtype(cls, name, reference_dtype or p.dtype), copy=True),
+                                        requires_grad=False)
+                    for name, p in self.transformer.named_parameters()}
+            self._reference = copy.deepcopy(self.transformer, memo).requires_grad_(False).eval()
 
     @property
     def uses_lora(self) -> bool:
@@ -219,8 +236,48 @@ class ModelAdapter(abc.ABC):
                 directory / "transformer", torch_dtype=self.transformer_dtype).to(self.device)
         self.transformer.eval().requires_grad_(False)
 
+    def init_trainable(self, directory: str | Path, *, gather: Gather = no_gather, read: bool = True) -> None:
+        """Start training from the trainable weights `save_trainable` (or `megaflow export`) wrote:
+        into the adapters `apply_lora` made (same rank and targets), or a full fine-tune's
+        `transformer/` into the transformer, module by module (under ZeRO-3 every rank calls it
+        with a `gather` in which the `read` rank may modify the parameters)."""
+        from megaflow.errors import ModelLoadError
+
+        directory = Path(directory)
+        if not self.uses_lora:
+            load_model_streaming(self.transformer, directory / "transformer", gather=gather, read=read)
+            return
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        state = {k.removeprefix("transformer."): v for k, v in load_file(str(directory / LORA_WEIGHTS_FILE)).items()}
+        try:
+            result = set_peft_model_state_dict(self.transformer, state)
+        except RuntimeError as exc:
+            raise ModelLoadError(f"the LoRA weights in {directory} do not fit this run's adapters ({exc}); "
+                                 "use the model.lora_rank and model.lora_targets they were trained with") from exc
+        missing = [k for k in result.missing_keys if "lora_" in k]
+        if missing or result.unexpected_keys:
+            raise ModelLoadError(f"the LoRA weights in {directory} do not fit this run's adapters (missing "
+                                 f"{missing[:3]}, unexpected {list(result.unexpected_keys)[:3]}); use the "
+                                 "model.lora_targets they were trained with")
+
+    def save_trainable(self, directory: str | Path, *, gather: Gather = no_gather, write: bool = True) -> None:
+        """Write the trainable weights as safetensors a diffusers pipeline can load: LoRA in the
+        layout of the family's `load_lora_weights` (`save_lora`), a full fine-tune as a
+        `transformer/` folder for `from_pretrained`, streamed module by module so that under
+        ZeRO-3 only one module's parameters are whole at a time. Every rank of a ZeRO-3 job calls
+        it with `gather` (collective); only the rank with `write` writes."""
+        directory = Path(directory)
+        if self.uses_lora:
+            with gather(self.trainable_parameters()):
+                if write:
+                    directory.mkdir(parents=True, exist_ok=True)
+                    self.save_lora(directory)
+        else:
+            save_model_streaming(self.transformer, directory / "transformer", gather=gather, write=write)
+
     @abc.abstractmethod
-    def save_trainable(self, directory: str | Path) -> None:
-        """Write the trainable weights as safetensors a diffusers pipeline can load:
-        LoRA through the pipeline's `save_lora_weights` layout, a full fine-tune as a
-        `transformer/` folder loadable with `from_pretrained`."""
+    def save_lora(self, directory: Path) -> None:
+        """The LoRA adapters as `directory/pytorch_lora_weights.safetensors`, in the layout the
+        family pipeline's `load_lora_weights(directory)` reads."""

@@ -210,17 +210,11 @@ class WanAdapter(ModelAdapter):
         """`WanTransformerBlock`: the unit of activation checkpointing and ZeRO-3 leaf modules."""
         return (WanTransformerBlock,)
 
-    def save_trainable(self, directory: str | Path) -> None:
-        """LoRA: `pytorch_lora_weights.safetensors` for `WanPipeline.load_lora_weights(directory)`;
-        full fine-tune: `directory/transformer/` for `WanTransformer3DModel.from_pretrained`."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        if self.uses_lora:
-            from peft import get_peft_model_state_dict
+    def save_lora(self, directory: Path) -> None:
+        """`pytorch_lora_weights.safetensors` for `WanPipeline.load_lora_weights(directory)`."""
+        from peft import get_peft_model_state_dict
 
-            WanPipeline.save_lora_weights(
-                directory, transformer_lora_layers=get_peft_model_state_dict(self.transformer),
-                safe_serialization=True, transformer_lora_adapter_metadata=self.lora_config.to_dict(),
-            )
-        else:
-            self.transformer.save_pretrained(directory / "transformer", safe_serialization=True)
+        WanPipeline.save_lora_weights(
+            directory, transformer_lora_layers=get_peft_model_state_dict(self.transformer),
+            safe_serialization=True, transformer_lora_adapter_metadata=self.lora_config.to_dict(),
+        )

@@ -61,8 +61,12 @@ class MetricsWriter:
     as is). With `enabled=False` (non-zero ranks) every method is a no-op and no file is made.
     """
 
-    def __init__(self, log_dir: str | os.PathLike[str], enabled: bool = True) -> None:
-        """Open (append to) the event and `metrics.jsonl` files in `log_dir` when `enabled`."""
+    def __init__(self, log_dir: str | os.PathLike[str], enabled: bool = True, *, purge_step: int | None = None) -> None:
+        """Open (append to) the event and `metrics.jsonl` files in `log_dir` when `enabled`.
+
+        `purge_step` (a resumed run: the checkpoint's iteration + 1): drop what an earlier run
+        logged at steps >= `purge_step` (its iterations after the checkpoint, which are about to
+        run again) from `metrics.jsonl`, and from TensorBoard's view of the event files."""
         self.log_dir = os.fspath(log_dir)
         self.enabled = bool(enabled)
         self._closed = False
@@ -73,8 +77,32 @@ class MetricsWriter:
         from torch.utils.tensorboard import SummaryWriter
 
         os.makedirs(self.log_dir, exist_ok=True)
-        self._tb = SummaryWriter(log_dir=self.log_dir)
-        self._jsonl = open(os.path.join(self.log_dir, METRICS_FILE), "a", encoding="utf-8")
+        if purge_step is not None:
+            self._truncate_jsonl(purge_step)
+        self._tb = SummaryWriter(log_dir=self.log_dir, purge_step=purge_step)
+        self._jsonl = open(self.metrics_path, "a", encoding="utf-8")
+
+    def _truncate_jsonl(self, purge_step: int) -> None:
+        """Rewrite `metrics.jsonl` without its rows of iteration >= `purge_step` (atomically)."""
+        path = self.metrics_path
+        if not os.path.isfile(path):
+            return
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+        kept = []
+        for line in lines:
+            try:
+                keep = json.loads(line)["iteration"] < purge_step
+            except (ValueError, KeyError, TypeError):
+                keep = False  # a line cut short by the crash
+            if keep:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        if len(kept) == len(lines):
+            return
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
 
     @property
     def metrics_path(self) -> str:

@@ -15,22 +15,24 @@ from torch import nn
 
 from megaflow.config import Config
 from megaflow.errors import ConfigError
+from megaflow.models.base import diffusers_param_dtype
 
-#: Where the built-in DeepSpeed templates live (the repository's ds_configs/).
-DS_CONFIG_DIRS = (Path(__file__).resolve().parents[2] / "ds_configs",)
 AUTO = "auto"
 
 
 def template_path(cfg: Config) -> Path:
-    """The DeepSpeed JSON of this run: `parallel.ds_config`, else the template of the stage."""
+    """The DeepSpeed JSON of this run: `parallel.ds_config`, else the built-in template of the
+    stage (package data `megaflow.ds_configs`, the repository's ds_configs/ folder)."""
     if cfg.parallel.ds_config:
         return Path(cfg.parallel.ds_config)
+    from importlib.resources import files
+
     name = "zero3_offload.json" if cfg.parallel.offload else f"zero{cfg.parallel.zero_stage}.json"
-    for folder in DS_CONFIG_DIRS:
-        if (folder / name).is_file():
-            return folder / name
-    raise ConfigError(f"the DeepSpeed template {name} is missing from {DS_CONFIG_DIRS[0]}; reinstall megaflow or "
-                      "set parallel.ds_config to your own DeepSpeed JSON")
+    path = Path(str(files("megaflow.ds_configs") / name))
+    if not path.is_file():
+        raise ConfigError(f"the DeepSpeed template {name} is missing from {path.parent}; reinstall megaflow or "
+                          "set parallel.ds_config to your own DeepSpeed JSON")
+    return path
 
 
 def fill_ds_config(raw: dict[str, Any], cfg: Config, *, grad_accum_steps: int) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -63,6 +65,10 @@ def fill_ds_config(raw: dict[str, Any], cfg: Config, *, grad_accum_steps: int) -
     if zero["stage"] != cfg.parallel.zero_stage:
         raise ConfigError(f"the DeepSpeed config sets zero_optimization.stage={zero['stage']} but "
                           f"parallel.zero_stage={cfg.parallel.zero_stage}; make them agree")
+    if zero["stage"] == 3:
+        # DeepSpeed's default replaces torch.nn.functional.linear process-wide with a matmul and a
+        # separate bias add, which rounds differently from one process's fused addmm in bf16.
+        zero.setdefault("memory_efficient_linear", False)
     if zero.get("zero_hpz_partition_size") == AUTO:
         zero["zero_hpz_partition_size"] = cfg.parallel.hpz_partition_size
     elif zero["stage"] == 3 and cfg.parallel.hpz_partition_size > 1:
@@ -112,46 +118,77 @@ def gradient_divisor(ds_config: dict[str, Any], world_size: int, sp_size: int) -
     return world_size if stage == 3 else world_size // sp_size
 
 
+def diffusers_layout(model_cls: type, config: dict[str, Any],
+                     dtype: torch.dtype) -> tuple[dict[str, torch.dtype], dict[str, torch.Tensor]]:
+    """What `model_cls.from_pretrained(..., torch_dtype=dtype)` makes, without any weights:
+    each parameter's dtype (diffusers keeps `_keep_in_fp32_modules` in fp32 under a half dtype)
+    and the buffers computed at construction (rotary tables), built under the same default dtype."""
+    from accelerate import init_empty_weights
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with init_empty_weights(include_buffers=False):
+            plain = model_cls.from_config(config)
+    finally:
+        torch.set_default_dtype(previous)
+    param_dtypes = {name: diffusers_param_dtype(model_cls, name, dtype) if p.is_floating_point() else p.dtype
+                    for name, p in plain.named_parameters()}
+    return param_dtypes, dict(plain.named_buffers())
+
+
+def _zero_init_config(ds_config: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    """The DeepSpeed config `zero.Init` builds `dtype` parameters from. `zero.Init(dtype=...)` is
+    not used: on an accelerator without fp16 (DeepSpeed's CPU accelerator) it ignores the
+    argument and builds bf16; with `dtype=None` the config's bf16 / fp16 flags decide."""
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ConfigError(f"ZeRO-3 builds transformers in float32, bfloat16 or float16, not {dtype}")
+    c = copy.deepcopy(ds_config)
+    c["bf16"] = {**c.get("bf16", {}), "enabled": dtype == torch.bfloat16}
+    c["fp16"] = {**c.get("fp16", {}), "enabled": dtype == torch.float16}
+    return c
+
+
+def _cast_partitioned(param: nn.Parameter, dtype: torch.dtype) -> None:
+    """Change the dtype of a ZeRO-3 parameter in place: its partition and its (empty, or whole
+    when persisted) data; gathers then run in that dtype."""
+    param.ds_tensor.data = param.ds_tensor.data.to(dtype)
+    param.data = param.data.to(dtype)
+
+
 def zero3_transformer_loader(ds_config: dict[str, Any]) -> Callable[[type, Path, torch.dtype], nn.Module]:
     """A loader that builds a diffusers model from `folder/config.json` under `deepspeed.zero.Init`
     (parameters partitioned as they are created) and fills it module by module from the
-    safetensors files, gathering one module's parameters at a time."""
+    safetensors files, gathering one module's parameters at a time.
+
+    The result has the dtypes `from_pretrained(torch_dtype=dtype)` gives on one process: every
+    parameter in `dtype` except diffusers' keep-in-fp32 modules, and the construction-time buffers
+    (rotary tables) exactly as a plain build computes them."""
 
     def load(model_cls: type, folder: Path, dtype: torch.dtype) -> nn.Module:
         import deepspeed
         import torch.distributed as dist
-        from safetensors import safe_open
 
         config = model_cls.load_config(folder)
-        with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype, data_parallel_group=dist.group.WORLD,
-                                mem_efficient_linear=False):
-            model = model_cls.from_config(config)
-        # Buffers computed at construction (rotary tables) must not inherit zero.Init's dtype
-        # handling: take them from a parameter-free (meta) build, as diffusers' loader does.
-        from accelerate import init_empty_weights
+        param_dtypes, plain_buffers = diffusers_layout(model_cls, config, dtype)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with deepspeed.zero.Init(config_dict_or_path=_zero_init_config(ds_config, dtype), dtype=None,
+                                    data_parallel_group=dist.group.WORLD):
+                model = model_cls.from_config(config)
+        finally:
+            torch.set_default_dtype(previous)
+        for name, param in model.named_parameters():
+            if param.dtype != param_dtypes[name]:
+                _cast_partitioned(param, param_dtypes[name])
+        # zero.Init casts buffers made in __init__ to its dtype: take them from the plain build.
+        for name, buf in model.named_buffers():
+            buf.data = plain_buffers[name].to(buf.device)
+        from megaflow.models.streaming import load_model_streaming
 
-        with init_empty_weights(include_buffers=False):
-            plain = model_cls.from_config(config)
-        with torch.no_grad():
-            for (name, buf), (_, ref) in zip(model.named_buffers(), plain.named_buffers()):
-                buf.copy_(ref)
-        del plain
-        files = sorted(folder.glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"no *.safetensors weights in {folder}")
-        handles = [safe_open(str(f), framework="pt") for f in files]
-        where = {key: h for h in handles for key in h.keys()}
-        for mod_name, module in model.named_modules():
-            own = list(module.named_parameters(recurse=False))
-            if not own:
-                continue
-            with deepspeed.zero.GatheredParameters([p for _, p in own], modifier_rank=0):
-                if dist.get_rank() == 0:
-                    for name, param in own:
-                        key = f"{mod_name}.{name}" if mod_name else name
-                        if key not in where:
-                            raise KeyError(f"weight {key} is missing from {folder}")
-                        param.data.copy_(where[key].get_tensor(key).to(param.dtype))
+        load_model_streaming(model, folder, gather=lambda params: gathered_for_write(params, 3),
+                             read=dist.get_rank() == 0)
         model.eval()
         return model
 
@@ -205,6 +242,16 @@ def gathered(params: list[nn.Parameter], zero_stage: int):
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def gathered_for_write(params: list[nn.Parameter], zero_stage: int):
+    """Context in which ZeRO-3 partitioned `params` are whole and rank 0's changes to them are
+    kept (broadcast and re-partitioned on exit); a no-op otherwise."""
+    if zero_stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
 
 #: Marks parameters held whole by `gathered_for_rollout` (a ZeRO-3 module id never uses it).

@@ -127,9 +127,11 @@ def step(
     """One step from `x` (`[B, ...]`, at σ) to σ_next given the velocity `v` (same shape).
 
     Given `prev_sample`, it is not resampled and `log_prob` is its log-density; otherwise it is
-    `mean + std·noise` with `noise` given or drawn from `generator`. `log_prob` is None for
-    `ode`, wherever the step is deterministic (cps into σ_next = 0), and when
-    `compute_log_prob` is False (the trainer computes it through `megaflow.kernels`).
+    `mean + std·noise` with `noise` given or drawn from `generator`; every sample is its own
+    Gaussian, so with per-sample sigmas a sample whose std is 0 (cps into σ_next = 0) gets its
+    mean exactly. `log_prob` is `[B]` with NaN for such samples; it is None for `ode`, when no
+    sample of the batch is stochastic, and when `compute_log_prob` is False (the trainer
+    computes it through `megaflow.kernels`).
     """
     if x.shape != v.shape:
         raise ValueError(f"x and v must have the same shape, got {tuple(x.shape)} and {tuple(v.shape)}")
@@ -142,15 +144,31 @@ def step(
         mean = xf + _bcast(b, vf) * vf
     else:
         mean = _bcast(a, xf) * xf + _bcast(b, vf) * vf
-    stochastic = kind != "ode" and bool((std > 0).all())
+    stochastic = kind != "ode" and bool((std > 0).any())
     if prev_sample is None:
         if stochastic:
             if noise is None:
                 noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
-            prev_sample = mean + _bcast(std, mean) * noise.float()
+            noisy = mean + _bcast(std, mean) * noise.float()
+            # Each sample is its own Gaussian: a sample whose std is 0 (cps into σ_next = 0) gets its
+            # mean exactly, whatever the other samples of the batch do.
+            prev_sample = noisy if bool((std > 0).all()) else torch.where(_bcast(std > 0, mean), noisy, mean)
         else:
             prev_sample = mean
     else:
         prev_sample = prev_sample.float()
-    log_prob = gaussian_log_prob(prev_sample, mean, std) if stochastic and compute_log_prob else None
+    log_prob = None
+    if stochastic and compute_log_prob:
+        log_prob = per_sample_log_prob(prev_sample, mean, std)
     return StepOutput(prev_sample=prev_sample, mean=mean, std=std, log_prob=log_prob)
+
+
+def per_sample_log_prob(x_next: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """`gaussian_log_prob` of each sample whose std is positive, NaN where it is 0 (a
+    deterministic step has no density): float32 `[B]`."""
+    positive = std > 0
+    if bool(positive.all()):
+        return gaussian_log_prob(x_next, mean, std)
+    out = torch.full_like(std, float("nan"))
+    out[positive] = gaussian_log_prob(x_next[positive], mean[positive], std[positive])
+    return out

@@ -1,43 +1,81 @@
 """`megaflow export`: consolidated trainable weights (LoRA or full, diffusers layout) from a
-checkpoint, including a DeepSpeed ZeRO-2/3 checkpoint whose weights are sharded over ranks."""
+checkpoint, including a DeepSpeed ZeRO-2/3 checkpoint whose weights are sharded over ranks.
+
+A full fine-tune is streamed tensor by tensor from the shards (memory-mapped) into safetensors
+files, so exporting a 14B transformer needs about one tensor of memory, not the whole model."""
 from __future__ import annotations
 
-import json
+import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from megaflow.config import load_config
 from megaflow.errors import ConfigError
-from megaflow.trainer.state import COMPLETE_MARKER, ENGINE_TAG, find_resumable
+from megaflow.trainer.state import ENGINE_TAG, checkpoint_meta, find_resumable
+
+#: Parameter name → a function that reads that parameter (fp32, whole).
+LazyState = dict[str, Callable[[], torch.Tensor]]
 
 
-def consolidated_state(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """Trainable parameters by name (fp32, whole) from a checkpoint directory."""
-    meta = json.loads((checkpoint / COMPLETE_MARKER).read_text())
+def consolidated_state(checkpoint: Path) -> LazyState:
+    """The trainable parameters of a checkpoint directory, each read only when asked for: from
+    the DeepSpeed shards (zero_to_fp32's lazy, memory-mapped mode) or from a single process's
+    `trainable.safetensors`."""
+    meta = checkpoint_meta(checkpoint)
     if meta.get("deepspeed"):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint / "engine"), tag=ENGINE_TAG,
+        lazy = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint / "engine"), tag=ENGINE_TAG, lazy_mode=True,
                                                         exclude_frozen_parameters=bool(meta.get("lora")))
-    from safetensors.torch import load_file
+        return {name: (lambda t=t: t.contiguous() if not isinstance(t, torch.Tensor) else t)
+                for name, t in lazy.items()}
+    from safetensors import safe_open
 
-    return load_file(str(checkpoint / "trainable.safetensors"))
+    handle = safe_open(str(checkpoint / "trainable.safetensors"), framework="pt")
+    return {name: (lambda n=name: handle.get_tensor(n)) for name in handle.keys()}
+
+
+def _export_full(checkpoint: Path, state: LazyState, base_transformer: Path, output: Path) -> None:
+    """`output/transformer/`: the checkpoint's config and its weights in the base model's tensor
+    order, streamed one tensor at a time."""
+    from megaflow.models.streaming import TensorSpec, open_weights, write_safetensors_folder
+
+    base = open_weights(base_transformer)
+    missing = [k for k in base if k not in state]
+    extra = [k for k in state if k not in base]
+    if missing or extra:
+        raise ConfigError(f"checkpoint {checkpoint} does not hold the weights of the transformer in {base_transformer} "
+                          f"(missing {missing[:3]}, unknown {extra[:3]}); export with the run's own config")
+    specs = {}
+    for name, handle in base.items():
+        specs[name] = TensorSpec(torch.float32, tuple(handle.get_slice(name).get_shape()))
+    folder = output / "transformer"
+    folder.mkdir(parents=True, exist_ok=True)
+    config = checkpoint / "transformer" / "config.json"
+    shutil.copyfile(config if config.is_file() else base_transformer / "config.json", folder / "config.json")
+    write_safetensors_folder(folder, specs, ((name, state[name]().float()) for name in specs))
 
 
 def export_checkpoint(checkpoint: str | Path, output: str | Path, config: str | Path | None = None) -> Path:
     """Write `output/pytorch_lora_weights.safetensors` (LoRA) or `output/transformer/` (full
     fine-tune) from `checkpoint`; the run's `config.yaml` (two levels up, or `config`) names the
     base model. Runs in one process on CPU."""
-    from megaflow.trainer.loop import load_adapter
+    from megaflow.trainer.loop import load_adapter, resolve_model_path
 
     checkpoint = find_resumable(Path(checkpoint).parent, str(checkpoint), warn=False)
     config = Path(config) if config else checkpoint.parent.parent / "config.yaml"
     if not config.is_file():
         raise ConfigError(f"cannot find the run's config {config}; pass --config with the run's config.yaml")
     cfg = load_config(str(config), ["parallel.zero_stage=0", "parallel.sp_size=1", "rollout.gather_weights=false",
-                                    "parallel.offload=false", "parallel.hpz_partition_size=1", "parallel.ds_config=null"])
+                                    "parallel.offload=false", "parallel.hpz_partition_size=1", "parallel.ds_config=null",
+                                    "model.init_weights=null", "algorithm.kl_beta=0"])
     state = consolidated_state(checkpoint)
+    output = Path(output)
+    if not checkpoint_meta(checkpoint).get("lora"):
+        _export_full(checkpoint, state, resolve_model_path(cfg.model.path) / "transformer", output)
+        return output
     adapter = load_adapter(cfg, torch.device("cpu"))
     named = dict(adapter.transformer.named_parameters())
     missing = [k for k in state if k not in named]
@@ -45,8 +83,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, config: str | 
         raise ConfigError(f"checkpoint {checkpoint} holds weights the model of {config} does not have "
                           f"({', '.join(missing[:3])}…); export with the run's own config")
     with torch.no_grad():
-        for name, tensor in state.items():
-            named[name].copy_(tensor.to(named[name].dtype))
-    output = Path(output)
+        for name, read in state.items():
+            named[name].copy_(read().to(named[name].dtype))
     adapter.save_trainable(output)
     return output

@@ -28,7 +28,8 @@ from megaflow.sampling.schedule import flow_sigmas
 from megaflow.seeds import derive_seed
 from megaflow.trainer.rollout import run_rollout
 from megaflow.trainer.settings import SamplerSettings
-from megaflow.trainer.state import find_resumable, load_checkpoint, save_checkpoint
+from megaflow.trainer.preemption import StopRequest
+from megaflow.trainer.state import check_resumable, find_resumable, load_checkpoint, save_checkpoint
 from megaflow.trainer.update import DistributedUpdate, UpdateSettings, local_sample_indices, policy_update
 
 log = logging.getLogger("megaflow")
@@ -62,8 +63,15 @@ def load_adapter(cfg: Config, device: torch.device, transformer_loader: Any = No
     torch.manual_seed(derive_seed(cfg.seed, "init") % 2**62)
     if lora:
         adapter.apply_lora(cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_targets)
-    else:
-        adapter.enable_full_finetune(keep_reference=cfg.algorithm.kl_beta > 0 and cfg.parallel.zero_stage != 3)
+    if cfg.model.init_weights:
+        from megaflow.parallel.engine import gathered_for_write
+
+        stage = cfg.parallel.zero_stage
+        adapter.init_trainable(cfg.model.init_weights, gather=lambda params: gathered_for_write(params, stage),
+                               read=stage != 3 or not dist.is_initialized() or dist.get_rank() == 0)
+    if not lora:
+        adapter.enable_full_finetune(keep_reference=cfg.algorithm.kl_beta > 0 and cfg.parallel.zero_stage != 3,
+                                     reference_dtype=frozen_dtype)
     return adapter
 
 
@@ -98,11 +106,15 @@ class Trainer:
         self.topo = init_topology(p.sp_size, need_distributed=p.zero_stage > 0)
         self.cfg = cfg
         self.show_progress = show_progress and self.topo.is_main
+        self.output_dir = Path(cfg.output_dir)
+        resume_from = find_resumable(self.output_dir, resume, warn=self.topo.is_main) if resume else None
+        if resume_from is not None:
+            check_resumable(resume_from, family=cfg.model.family, lora=cfg.model.lora, zero_stage=p.zero_stage,
+                            world_size=self.topo.world_size, sp_size=p.sp_size)
         self.algorithm = get_algorithm(cfg.algorithm.name)
         self.prompts = (PromptSet.from_file(cfg.data.prompt_file, seed=cfg.seed) if cfg.data.prompt_file
                         else PromptSet(cfg.data.prompts, seed=cfg.seed))
         self.rewards = RewardSet(cfg.reward.components, cfg.reward.options)
-        self.output_dir = Path(cfg.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.topo.is_main:
             save_config(cfg, self.output_dir / "config.yaml")
@@ -137,19 +149,20 @@ class Trainer:
         self.update_settings = UpdateSettings(
             clip_range=a.clip_range, kl_beta=a.kl_beta, micro_batch_size=cfg.train.micro_batch_size,
             grad_accum=cfg.train.grad_accum, grad_clip=cfg.train.grad_clip)
-        self.writer = MetricsWriter(self.output_dir / "logs") if self.topo.is_main else None
         self.use_cfg = cfg.sampling.guidance_scale > 1.0
         self.negative = self.adapter.encode_prompts([cfg.data.negative_prompt]) if self.use_cfg else None
         self.start_iteration = 0
-        if resume:
-            path = find_resumable(self.output_dir, resume, warn=self.topo.is_main)
-            if path is not None:
-                self.start_iteration = load_checkpoint(path, self.adapter, optimizer=self.optimizer,
-                                                       engine=self.engine, topo=self.topo)
-                log.info("resumed from %s at iteration %d", path, self.start_iteration)
-            elif self.topo.is_main:
-                log.info("--resume %s: no complete checkpoint under %s; starting from iteration 0", resume,
-                         self.output_dir / "checkpoints")
+        if resume_from is not None:
+            self.start_iteration = load_checkpoint(resume_from, self.adapter, optimizer=self.optimizer,
+                                                   engine=self.engine, topo=self.topo)
+            log.info("resumed from %s at iteration %d", resume_from, self.start_iteration)
+        elif resume and self.topo.is_main:
+            log.info("--resume %s: no complete checkpoint under %s; starting from iteration 0", resume,
+                     self.output_dir / "checkpoints")
+        # A resumed run logs its iterations again from the checkpoint on: what an earlier run logged
+        # after it goes, so every iteration appears once.
+        self.writer = (MetricsWriter(self.output_dir / "logs", purge_step=self.start_iteration + 1 if resume else None)
+                       if self.topo.is_main else None)
 
     def _build_parallel(self, loader: Any, adamw: dict[str, Any] | None) -> None:
         """Reference engine, sequence parallelism, activation checkpointing, ZeRO leaf modules
@@ -312,20 +325,31 @@ class Trainer:
 
     def train(self) -> list[dict[str, float]]:
         """Run iterations `start_iteration .. train.iterations-1`, checkpointing every
-        `train.save_every` and at the end."""
+        `train.save_every` and at the end. On SIGTERM / SIGUSR1 (any rank) every rank finishes
+        the current iteration, checkpoints it and returns (`stopped_by` names the signal)."""
         cfg = self.cfg
         history = []
+        self.stopped_by: str | None = None
         try:
-            for iteration in progress(range(self.start_iteration, cfg.train.iterations), "iterations",
-                                      enabled=self.show_progress, unit="it"):
-                metrics = self.run_iteration(iteration)
-                history.append(metrics)
-                if self.topo.is_main:
-                    log.info("iteration %d: reward %.4f, loss %.4g, %.1fs", iteration + 1, metrics["reward/mean"],
-                             metrics["loss/total"], metrics["time/iteration_s"])
-                done = iteration + 1
-                if (cfg.train.save_every and done % cfg.train.save_every == 0) or done == cfg.train.iterations:
-                    self.save(done)
+            with StopRequest() as stop:
+                for iteration in progress(range(self.start_iteration, cfg.train.iterations), "iterations",
+                                          enabled=self.show_progress, unit="it"):
+                    metrics = self.run_iteration(iteration)
+                    history.append(metrics)
+                    if self.topo.is_main:
+                        log.info("iteration %d: reward %.4f, loss %.4g, %.1fs", iteration + 1, metrics["reward/mean"],
+                                 metrics["loss/total"], metrics["time/iteration_s"])
+                    done = iteration + 1
+                    stopping = stop.agreed(self.device)
+                    if (stopping or (cfg.train.save_every and done % cfg.train.save_every == 0)
+                            or done == cfg.train.iterations):
+                        path = self.save(done)
+                    if stopping:
+                        self.stopped_by = stopping
+                        if self.topo.is_main:
+                            log.warning("stopped by %s after iteration %d; checkpoint %s (continue with --resume auto)",
+                                        self.stopped_by, done, path)
+                        break
         finally:
             if self.writer is not None:
                 self.writer.close()

@@ -1,7 +1,7 @@
 """Chunked rollouts: generate the iteration's samples and keep what the update needs.
 
-For every trained step of every sample the rollout keeps `(x_i, x_{i+1}, log p_old, μ_old)`;
-for the other steps it keeps nothing. Noise is a function of `(seed, iteration, prompt slot,
+For every trained step of every sample the rollout keeps `(x_i, x_{i+1}, log p_old)`, what the
+update reads; for the other steps it keeps nothing. Noise is a function of `(seed, iteration, prompt slot,
 sample, step)` only, so results do not depend on the chunk size or on where a sample runs.
 At steps where some sample of the chunk is trained, the velocity is evaluated in
 micro-batches of exactly the composition the update will use, which makes the update's
@@ -37,9 +37,7 @@ class Rollout:
     sigma_next: torch.Tensor  #: [S, K] float32
     x: torch.Tensor  #: [S, K, C, F, H, W] float32, x_i
     x_next: torch.Tensor  #: [S, K, C, F, H, W] float32, x_{i+1}
-    mean_old: torch.Tensor  #: [S, K, C, F, H, W] float32, μ_old
     logp_old: torch.Tensor  #: [S, K] float32
-    latents: torch.Tensor  #: [S, C, F, H, W] final latents
     nfe_per_sample: int  #: velocity evaluations per sample
 
 
@@ -107,10 +105,9 @@ def run_rollout(adapter: ModelAdapter, cond: Conditioning, keys: Sequence[tuple[
     device = adapter.device
     sigmas = settings.sigmas
     n, k_steps = len(keys), plan.steps_per_sample
-    store = {name: torch.empty((n, k_steps) + latent_shape) for name in ("x", "x_next", "mean_old")}
+    store = {name: torch.empty((n, k_steps) + latent_shape) for name in ("x", "x_next")}
     logp_old = torch.empty(n, k_steps)
     trained = torch.tensor(plan.trained, dtype=torch.long).reshape(n, k_steps)
-    latents_out = torch.empty((n,) + latent_shape)
     if subbatch_steps is None:
         subbatch_steps = {i for steps in plan.trained for i in steps}
     bar = progress(n * plan.num_steps, "rollout", enabled=show_progress, unit="step", leave=False)
@@ -142,11 +139,9 @@ def run_rollout(adapter: ModelAdapter, cond: Conditioning, keys: Sequence[tuple[
                             g, k = start + s, slot_of[s]
                             store["x"][g, k] = x[s].cpu()
                             store["x_next"][g, k] = out.prev_sample[s].cpu()
-                            store["mean_old"][g, k] = out.mean[s].cpu()
                             logp_old[g, k] = lp[s - m0].cpu()
             x = out.prev_sample
             bar.update(c)
-        latents_out[idx] = x.cpu()
         if on_videos is not None:
             on_videos(adapter.decode(x.to(adapter.dtype)), idx)
     bar.close()
@@ -155,7 +150,6 @@ def run_rollout(adapter: ModelAdapter, cond: Conditioning, keys: Sequence[tuple[
         trained_steps=trained,
         sigma=sigmas[trained],
         sigma_next=sigmas[trained + 1],
-        x=store["x"], x_next=store["x_next"], mean_old=store["mean_old"], logp_old=logp_old,
-        latents=latents_out,
+        x=store["x"], x_next=store["x_next"], logp_old=logp_old,
         nfe_per_sample=plan.num_steps,
     )

@@ -54,7 +54,11 @@ def _file_sizes(directory: Path) -> dict[str, int]:
 def save_checkpoint(adapter: ModelAdapter, output_dir: str | Path, iteration: int, *, optimizer: Any = None,
                     engine: Any = None, topo: Any = None, keep: int = 0, zero_stage: int = 0) -> Path:
     """Write the checkpoint after `iteration` iterations (collective when `topo` is distributed);
-    then delete all but the newest `keep` complete checkpoints (0: keep all)."""
+    then delete all but the newest `keep` complete checkpoints (0: keep all).
+
+    A LoRA run's engine state holds no frozen base weight (`exclude_frozen_parameters`), and a
+    ZeRO-3 full fine-tune is written one module at a time, so no rank ever holds the whole
+    transformer."""
     from megaflow.parallel.engine import gathered
     from safetensors.torch import save_file
 
@@ -70,20 +74,18 @@ def save_checkpoint(adapter: ModelAdapter, output_dir: str | Path, iteration: in
         topo.barrier()
     if engine is not None:
         engine.save_checkpoint(str(tmp / "engine"), tag=ENGINE_TAG, client_state={"iteration": iteration},
-                               save_latest=False)
+                               save_latest=False, exclude_frozen_parameters=adapter.uses_lora)
     torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
-    trainable = adapter.trainable_parameters() if adapter.uses_lora else list(adapter.transformer.parameters())
-    with gathered(trainable, zero_stage):
-        if rank == 0:
-            adapter.save_trainable(tmp)
-            if engine is None:
-                named = {n: p.detach().contiguous() for n, p in adapter.transformer.named_parameters() if p.requires_grad}
-                save_file(named, str(tmp / "trainable.safetensors"))
-                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    adapter.save_trainable(tmp, gather=lambda params: gathered(params, zero_stage), write=rank == 0)
+    if rank == 0 and engine is None:
+        named = {n: p.detach().contiguous() for n, p in adapter.transformer.named_parameters() if p.requires_grad}
+        save_file(named, str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     if distributed:
         topo.barrier()
     if rank == 0:
-        meta = {"iteration": iteration, "lora": adapter.uses_lora, "deepspeed": engine is not None,
+        meta = {"iteration": iteration, "family": adapter.family, "lora": adapter.uses_lora,
+                "deepspeed": engine is not None, "zero_stage": zero_stage,
                 "world_size": topo.world_size if topo is not None else 1,
                 "sp_size": topo.sp_size if topo is not None else 1, "files": _file_sizes(tmp)}
         marker = tmp / COMPLETE_MARKER
@@ -155,14 +157,38 @@ def find_resumable(output_dir: str | Path, resume: str, *, warn: bool = True) ->
     return path
 
 
+def checkpoint_meta(path: Path) -> dict[str, Any]:
+    """The marker of a complete checkpoint: iteration, family, LoRA or full, layout, file sizes."""
+    return json.loads((path / COMPLETE_MARKER).read_text())
+
+
+def check_resumable(path: Path, *, family: str, lora: bool, zero_stage: int, world_size: int, sp_size: int) -> None:
+    """`ConfigError` unless the run described by the arguments can continue from checkpoint
+    `path`: the same model family, LoRA or full fine-tuning, ZeRO stage and dp × sp layout. Read
+    from the marker alone, before any model is loaded."""
+    from megaflow.errors import ConfigError
+
+    meta = checkpoint_meta(path)
+    ours = {"family": family, "lora": lora, "zero_stage": zero_stage, "world_size": world_size, "sp_size": sp_size}
+    names = {"family": "model.family", "lora": "model.lora", "zero_stage": "parallel.zero_stage",
+             "world_size": "processes", "sp_size": "parallel.sp_size"}
+    differ = [f"{names[k]}: checkpoint {meta[k]}, this run {v}" for k, v in ours.items() if k in meta and meta[k] != v]
+    if differ:
+        raise ConfigError(
+            f"cannot resume from {path}: it was written by a different setup ({'; '.join(differ)}). Resume with the "
+            "checkpoint's settings and the same number of processes (resuming on another number of ranks is not "
+            "supported: megaflow does not build DeepSpeed universal checkpoints). To continue with the new setup, "
+            f"export the weights (`megaflow export {path} --output DIR`) and start a new run from them with "
+            "`--set model.init_weights=DIR` (optimizer state and iteration count start afresh)")
+
+
 def load_checkpoint(path: Path, adapter: ModelAdapter, *, optimizer: Any = None, engine: Any = None,
                     topo: Any = None) -> int:
     """Restore weights, optimizer state and RNG from `path`; returns the iteration it was taken at."""
     from megaflow.errors import ConfigError
     from safetensors.torch import load_file
 
-    meta = json.loads((path / COMPLETE_MARKER).read_text())
-    world = topo.world_size if topo is not None else 1
+    meta = checkpoint_meta(path)
     if bool(meta.get("deepspeed")) != (engine is not None):
         raise ConfigError(f"checkpoint {path} was written {'with' if meta.get('deepspeed') else 'without'} "
                           "DeepSpeed; resume it with the same parallel.zero_stage kind (0 vs 2/3)")
@@ -177,10 +203,8 @@ def load_checkpoint(path: Path, adapter: ModelAdapter, *, optimizer: Any = None,
                 named[name].copy_(tensor)
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     rank = topo.rank if topo is not None else 0
-    rng = path / f"rng_rank{rank}.pt"
-    if rng.is_file() and meta.get("world_size", 1) == world:
-        state = torch.load(rng, weights_only=True)
-        torch.set_rng_state(state["cpu"])
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state(state["cuda"])
+    state = torch.load(path / f"rng_rank{rank}.pt", weights_only=True)
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
     return int(meta["iteration"])

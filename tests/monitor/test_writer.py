@@ -129,3 +129,20 @@ def test_progress(monkeypatch):
     monkeypatch.setenv("RANK", "1")
     bar = progress(range(2), "rank1")
     assert bar.disable and list(bar) == [0, 1]
+
+
+def test_purge_step_drops_what_a_stopped_run_logged_after_its_checkpoint(tmp_path):
+    """A run killed after logging iterations 1–3 but checkpointing at 2 resumes with purge_step=3:
+    iteration 3 is logged again and appears once, in metrics.jsonl and in TensorBoard."""
+    with MetricsWriter(tmp_path) as w:
+        for i in (1, 2, 3):
+            w.log(i, {"reward/mean": float(i)})
+    with open(tmp_path / METRICS_FILE, "a") as f:
+        f.write('{"iteration": 4, "reward/me')  # a line cut short by the kill
+    with MetricsWriter(tmp_path, purge_step=3) as w:
+        for i in (3, 4):
+            w.log(i, {"reward/mean": 10.0 * i})
+    rows = [json.loads(line) for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
+    assert [(r["iteration"], r["reward/mean"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
+    events = load(tmp_path).Scalars("reward/mean")
+    assert [(e.step, e.value) for e in events] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]

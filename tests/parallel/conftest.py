@@ -30,8 +30,8 @@ def train_command(nproc: int, args: list[str]) -> list[str]:
             f"--master_port={free_port()}", "-m", "megaflow", "train", *args]
 
 
-def run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, env=run_env(), capture_output=True, text=True, timeout=timeout)
+def run(cmd: list[str], timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, env=env or run_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
 
@@ -48,7 +48,7 @@ def tiny_args(model_dir: Path, output_dir: Path, *overrides: str) -> list[str]:
     return args
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def megaflow_launch():
     """The helpers above, for tests in this folder."""
     import types

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -46,3 +47,21 @@ def test_user_file_values_win_and_mismatches_are_errors(tmp_path):
     path.write_text(json.dumps({"optimizer": {"type": "Lamb"}}))
     with pytest.raises(ConfigError, match="optimizer type 'Lamb' is not supported"):
         load_ds_config(_cfg("parallel.zero_stage=3", f"parallel.ds_config={path}"), grad_accum_steps=1)
+
+
+def test_templates_are_package_data_and_zero3_keeps_torch_linear(tmp_path):
+    """The templates come from the installed package (`megaflow.ds_configs`, the repository's
+    ds_configs/ folder); ZeRO-3 leaves torch's fused linear alone unless a user file asks."""
+    import megaflow.ds_configs
+
+    cfg = _cfg("parallel.zero_stage=3")
+    assert template_path(cfg).parent == Path(megaflow.ds_configs.__file__).parent
+    ds, _ = load_ds_config(cfg, grad_accum_steps=1)
+    assert ds["zero_optimization"]["memory_efficient_linear"] is False
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    ds, _ = load_ds_config(_cfg("parallel.zero_stage=3", f"parallel.ds_config={path}"), grad_accum_steps=1)
+    assert ds["zero_optimization"]["memory_efficient_linear"] is False
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3, "memory_efficient_linear": True}}))
+    ds, _ = load_ds_config(_cfg("parallel.zero_stage=3", f"parallel.ds_config={path}"), grad_accum_steps=1)
+    assert ds["zero_optimization"]["memory_efficient_linear"] is True

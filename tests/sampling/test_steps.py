@@ -96,6 +96,36 @@ def test_per_sample_sigmas_match_scalar_steps():
         assert torch.equal(batched.mean[j], single.mean[0])
 
 
+@pytest.mark.parametrize("kind", SDE_KINDS)
+def test_batch_mixing_steps_equals_each_sample_computed_alone(kind):
+    """Per-sample sigmas from different steps, one of them deterministic (cps into σ = 0; the last
+    step otherwise): every sample gets its own Gaussian step, exactly as if it ran alone."""
+    sigmas = flow_sigmas(6, 3.0)
+    gen = torch.Generator().manual_seed(3)
+    x, v, noise = (torch.randn(4, 3, 2, 4, 4, generator=gen) for _ in range(3))
+    idx = torch.tensor([0, 2, 5, 4])  # step 5 ends at σ = 0
+    level = {"flow_grpo": 0.7, "dance": 0.3, "cps": 0.8}[kind]
+    kw = dict(noise_level=level, sigma_max=sigmas[1])
+    batched = step(kind, x, v, sigmas[idx], sigmas[idx + 1], noise=noise, **kw)
+    for j, i in enumerate(idx.tolist()):
+        alone = step(kind, x[j:j + 1], v[j:j + 1], sigmas[i], sigmas[i + 1], noise=noise[j:j + 1], **kw)
+        assert torch.equal(batched.prev_sample[j], alone.prev_sample[0]), (kind, j)
+        assert torch.equal(batched.mean[j], alone.mean[0]) and torch.equal(batched.std[j], alone.std[0])
+        if alone.log_prob is None:
+            assert torch.isnan(batched.log_prob[j])
+        else:
+            assert torch.equal(batched.log_prob[j], alone.log_prob[0]), (kind, j)
+    # The samples that are stochastic really got noise; a deterministic one got its mean exactly.
+    stochastic = batched.std > 0
+    assert bool(stochastic[:2].all())
+    assert not torch.equal(batched.prev_sample[0], batched.mean[0])
+    if kind == "cps":
+        assert not bool(stochastic[2]) and torch.equal(batched.prev_sample[2], batched.mean[2])
+    # Scoring a given prev_sample follows the same per-sample rule.
+    scored = step(kind, x, v, sigmas[idx], sigmas[idx + 1], prev_sample=batched.prev_sample, **kw)
+    torch.testing.assert_close(scored.log_prob, batched.log_prob, equal_nan=True, rtol=0, atol=0)
+
+
 def test_cps_into_zero_is_deterministic_and_flow_grpo_at_one_needs_sigma_max():
     sigmas = flow_sigmas(4, 1.0)
     x, v = torch.randn(2, 3), torch.randn(2, 3)
