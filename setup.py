@@ -8,16 +8,22 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["megaflow", "megaflow.*"]) + ["megaflow.kernels"],
-    package_dir={"megaflow.kernels": "kernels"},
+    packages=find_packages(include=["megaflow", "megaflow.*"]) + ["megaflow.kernels", "megaflow.ds_configs"],
+    # kernels/ and ds_configs/ stay top-level folders of the repository (where users read them) and
+    # are installed inside the package, so a wheel or a non-editable install has them too.
+    package_dir={"megaflow.kernels": "kernels", "megaflow.ds_configs": "ds_configs"},
     package_data={"megaflow": ["recipes/*.yaml", "demo/base_model/*.json", "demo/base_model/*/*.json",
-                             "demo/base_model/*/*.safetensors"]},
+                             "demo/base_model/*/*.safetensors"],
+                  "megaflow.ds_configs": ["*.json"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.4",
-        "deepspeed>=0.19.3",
-        "diffusers>=0.36",
-        "transformers>=4.46",
+        # Upper bounds: the next minor version not tested. megaflow reaches into private parts of
+        # these (DeepSpeed's ZeRO-3 parameters, diffusers' Wan attention); tested with deepspeed
+        # 0.19.8, diffusers 0.42.1, transformers 5.24.0.
+        "deepspeed>=0.19.3,<0.20",
+        "diffusers>=0.36,<0.43",
+        "transformers>=4.46,<5.25",
         "peft>=0.13",
         "safetensors>=0.4",
         "tensorboard>=2.15",

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Launch `megaflow train` on one or more nodes through the DeepSpeed launcher.
 #
-#   launch/train.sh --config wan_1_3b --set parallel.sp_size=4            # all GPUs of this node
+#   launch/train.sh --config tiny --set parallel.zero_stage=3             # all GPUs of this node
+#   launch/train.sh --config my_recipe.yaml --set parallel.sp_size=4 --set parallel.zero_stage=3
 #   HOSTFILE=launch/hostfile NUM_GPUS=8 launch/train.sh --config ... --resume auto
 #   NO_SSH=1 NODE_RANK=1 MASTER_ADDR=node-01 HOSTFILE=... launch/train.sh ...   # run on every node yourself
 #

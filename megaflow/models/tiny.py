@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -149,7 +151,13 @@ def tiny_model_dir(cache_root: str | Path | None = None) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_WAN_NAME}.tmp-", dir=root))
     try:
-        write_tiny_wan(tmp)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # transformers' save_pretrained writes weights on distributed rank 0 only: every rank
+            # writes its own copy in a fresh process instead (the first rename wins).
+            subprocess.run([sys.executable, "-c", "import sys; from megaflow.models.tiny import write_tiny_wan; "
+                            "write_tiny_wan(sys.argv[1])", str(tmp)], check=True, stdout=subprocess.DEVNULL)
+        else:
+            write_tiny_wan(tmp)
         try:
             os.rename(tmp, final)
         except OSError:
