@@ -8,6 +8,8 @@ back-propagates only through its own share, so the SP ranks' gradients sum to th
 """
 from __future__ import annotations
 
+import abc
+
 import torch
 import torch.distributed as dist
 
@@ -95,3 +97,59 @@ def pad_to_multiple(x: torch.Tensor, dim: int, multiple: int) -> torch.Tensor:
 def shard(x: torch.Tensor, dim: int, rank: int, sp: int) -> torch.Tensor:
     """This rank's contiguous `1/sp` slice of `x` along `dim` (length must divide)."""
     return x.chunk(sp, dim=dim)[rank]
+
+
+def check_heads_divisible(num_heads: int, sp_size: int) -> None:
+    """ConfigError unless the attention heads split evenly over the SP group."""
+    from megaflow.errors import ConfigError
+
+    if num_heads % sp_size:
+        raise ConfigError(f"the transformer has {num_heads} attention heads, which do not divide by "
+                          f"parallel.sp_size={sp_size}; Ulysses gives each SP rank heads/sp heads. Choose an "
+                          f"sp_size that divides {num_heads}")
+
+
+class SequenceShards(abc.ABC):
+    """Maps latents `[B, C, F, H, W]` to and from one SP rank's share of the transformer's output
+    tokens. A family defines `patchify` / `unpatchify` (its token order and the output
+    projection's channel order); the sharded forward returns this rank's zero-padded shard
+    `[B, L_pad/sp, P]` of the `L` tokens (`L_pad` the next multiple of sp)."""
+
+    def __init__(self, group) -> None:
+        self.group = group
+        self.sp = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+
+    @abc.abstractmethod
+    def patchify(self, latent: torch.Tensor) -> torch.Tensor:
+        """`[B, C, F, H, W]` → tokens `[B, L, P]` in the output projection's layout."""
+
+    @abc.abstractmethod
+    def unpatchify(self, tokens: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Tokens `[B, L, P]` → the latent of `like`'s shape; the inverse of `patchify`."""
+
+    def _bounds(self, length: int) -> tuple[int, int]:
+        per = (length + (-length) % self.sp) // self.sp
+        lo = min(self.rank * per, length)
+        return lo, min(lo + per, length)
+
+    def shard_latent(self, latent: torch.Tensor) -> torch.Tensor:
+        """This rank's real (unpadded) tokens of a latent: `[B, L_r, P]`."""
+        tokens = self.patchify(latent)
+        lo, hi = self._bounds(tokens.shape[1])
+        return tokens[:, lo:hi]
+
+    def valid(self, padded_shard: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Drop the pad tokens from the model's padded shard `[B, L_pad/sp, P]` → `[B, L_r, P]`."""
+        lo, hi = self._bounds(self.patchify(like[:1]).shape[1])
+        start = self.rank * padded_shard.shape[1]
+        return padded_shard[:, lo - start:hi - start] if hi > lo else padded_shard[:, :0]
+
+    def unshard(self, shard_tokens: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Real tokens of every rank → the full latent shaped like `like` (differentiable)."""
+        length = self.patchify(like[:1]).shape[1]
+        per = (length + (-length) % self.sp) // self.sp
+        padded = torch.cat([shard_tokens, shard_tokens.new_zeros(
+            (shard_tokens.shape[0], per - shard_tokens.shape[1], shard_tokens.shape[2]))], dim=1)
+        full = gather_seq(padded, self.group, dim=1)[:, :length]
+        return self.unpatchify(full, like)

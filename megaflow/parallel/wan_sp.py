@@ -21,7 +21,9 @@ import torch.nn.functional as F
 from diffusers.models.transformers.transformer_wan import _get_qkv_projections
 
 from megaflow.errors import ConfigError
-from megaflow.parallel.ulysses import gather_seq, heads_to_seq, pad_to_multiple, seq_to_heads, shard
+from megaflow.parallel.ulysses import (
+    SequenceShards, check_heads_divisible, heads_to_seq, pad_to_multiple, seq_to_heads, shard,
+)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -96,22 +98,12 @@ def _sharded_forward(self: Any, hidden_states: torch.Tensor, timestep: torch.Ten
     return (self.proj_out(tokens),)
 
 
-def check_heads_divisible(num_heads: int, sp_size: int) -> None:
-    """ConfigError unless the attention heads split evenly over the SP group."""
-    if num_heads % sp_size:
-        raise ConfigError(f"the transformer has {num_heads} attention heads, which do not divide by "
-                          f"parallel.sp_size={sp_size}; Ulysses gives each SP rank heads/sp heads. Choose an "
-                          f"sp_size that divides {num_heads}")
-
-
-class WanSequenceParallel:
+class WanSequenceParallel(SequenceShards):
     """Applies Ulysses SP to a `WanTransformer3DModel` and converts latents to / from the token
     shards it computes. `patch = (pt, ph, pw)`; latents are `[B, C, F, H, W]`."""
 
     def __init__(self, transformer: Any, group: Any) -> None:
-        self.group = group
-        self.sp = dist.get_world_size(group)
-        self.rank = dist.get_rank(group)
+        super().__init__(group)
         config = transformer.config
         check_heads_divisible(int(config.num_attention_heads), self.sp)
         self.patch = tuple(int(p) for p in config.patch_size)
@@ -124,11 +116,6 @@ class WanSequenceParallel:
         _, _, f, h, w = latent.shape
         pt, ph, pw = self.patch
         return f // pt, h // ph, w // pw
-
-    def _bounds(self, length: int) -> tuple[int, int]:
-        per = (length + (-length) % self.sp) // self.sp
-        lo = min(self.rank * per, length)
-        return lo, min(lo + per, length)
 
     def patchify(self, latent: torch.Tensor) -> torch.Tensor:
         """`[B, C, F, H, W]` → tokens `[B, L, pt·ph·pw·C]` in the output projection's channel order."""
@@ -145,24 +132,3 @@ class WanSequenceParallel:
         pt, ph, pw = self.patch
         x = tokens.reshape(b, f, h, w, pt, ph, pw, c).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return x.reshape(like.shape)
-
-    def shard_latent(self, latent: torch.Tensor) -> torch.Tensor:
-        """This rank's real (unpadded) tokens of a latent: `[B, L_r, pt·ph·pw·C]`."""
-        tokens = self.patchify(latent)
-        lo, hi = self._bounds(tokens.shape[1])
-        return tokens[:, lo:hi]
-
-    def valid(self, padded_shard: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """Drop the pad tokens from the model's padded shard `[B, L_pad/sp, P]` → `[B, L_r, P]`."""
-        lo, hi = self._bounds(self.patchify(like[:1]).shape[1])
-        start = self.rank * padded_shard.shape[1]
-        return padded_shard[:, lo - start:hi - start] if hi > lo else padded_shard[:, :0]
-
-    def unshard(self, shard_tokens: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """Real tokens of every rank → the full latent `[B, C, F, H, W]` (differentiable)."""
-        length = self.patchify(like[:1]).shape[1]
-        per = (length + (-length) % self.sp) // self.sp
-        padded = torch.cat([shard_tokens, shard_tokens.new_zeros(
-            (shard_tokens.shape[0], per - shard_tokens.shape[1], shard_tokens.shape[2]))], dim=1)
-        full = gather_seq(padded, self.group, dim=1)[:, :length]
-        return self.unpatchify(full, like)

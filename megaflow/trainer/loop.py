@@ -95,7 +95,7 @@ class Trainer:
         validate_parallel(cfg, launched_world_size())
         p = cfg.parallel
         if p.sp_size > 1:
-            from megaflow.parallel.wan_sp import check_heads_divisible
+            from megaflow.parallel.ulysses import check_heads_divisible
 
             adapter_cls = get_adapter(cfg.model.family)
             heads = getattr(adapter_cls, "attention_heads", None)
