@@ -31,7 +31,7 @@ class ModelConfig:
     lora: bool = True  #: train LoRA adapters (True) or every transformer weight (False)
     lora_rank: int = 8
     lora_alpha: float = 8.0
-    lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    lora_targets: list[str] | None = None  #: transformer submodules LoRA adapts; null: the family's default
     init_weights: str | None = None  #: start from trainable weights `megaflow export` wrote (LoRA file or transformer/)
 
 
@@ -39,7 +39,7 @@ class ModelConfig:
 class DataConfig:
     """Where prompts come from and how many an iteration uses."""
 
-    prompt_file: str | None = None  #: text file, one prompt per line (blank lines skipped)
+    prompt_file: str | None = None  #: one prompt per line, or JSONL {"prompt": ..., "image": path} (I2V)
     prompts: list[str] = field(default_factory=list)  #: inline prompts, used without prompt_file
     prompts_per_iteration: int = 2
     negative_prompt: str = ""  #: used for classifier-free guidance
@@ -60,7 +60,8 @@ class SamplingConfig:
 
     num_steps: int = 6
     shift: float = 3.0
-    guidance_scale: float = 4.5  #: classifier-free guidance; <= 1 disables CFG
+    guidance_scale: float = 4.5  #: true classifier-free guidance (a negative-prompt pass); <= 1 disables it
+    embedded_guidance: float | None = None  #: guidance-distilled families' `guidance` input; null: the family's default
 
 
 @dataclass

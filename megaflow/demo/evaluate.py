@@ -16,7 +16,7 @@ import torch
 
 from megaflow.config import Config
 from megaflow.errors import DataError, ModelLoadError
-from megaflow.models import get_adapter
+from megaflow.models import get_adapter, resolve_model_path
 from megaflow.models.base import Conditioning, ModelAdapter
 from megaflow.monitor.progress import progress
 from megaflow.rewards import RewardSet
@@ -60,10 +60,8 @@ def find_checkpoint(path: str | Path) -> Path:
 
 def load_model(cfg: Config, checkpoint: Path | None, device: torch.device) -> ModelAdapter:
     """The recipe's base model in fp32, with the checkpoint's LoRA or full transformer if given."""
-    from megaflow.trainer.loop import resolve_model_path
-
     adapter = get_adapter(cfg.model.family).from_pretrained(
-        resolve_model_path(cfg.model.path), dtype=torch.float32, device=device)
+        resolve_model_path(cfg.model.path, cfg.model.family), dtype=torch.float32, device=device)
     if checkpoint is None:
         return adapter
     info = json.loads((checkpoint / COMPLETE_MARKER).read_text())
@@ -83,16 +81,18 @@ def sample_videos(adapter: ModelAdapter, cfg: Config, prompts: Sequence[str], sa
     keys = [(p, k) for p in range(len(prompts)) for k in range(samples)]
     use_cfg = cfg.sampling.guidance_scale > 1.0
     negative = adapter.encode_prompts([cfg.data.negative_prompt]) if use_cfg else None
-    embeds = adapter.encode_prompts(list(prompts))
+    text = adapter.encode_prompts(list(prompts))
+    embedded = cfg.sampling.embedded_guidance
+    embedded = adapter.default_embedded_guidance if embedded is None else embedded
     out = []
     bar = progress(len(keys), desc, enabled=show_progress, unit="video")
     for start in range(0, len(keys), batch):
         chunk = keys[start:start + batch]
         idx = torch.tensor([p for p, _ in chunk])
-        cond = Conditioning(embeds=embeds[idx], negative=None if negative is None else negative.expand(len(chunk), -1, -1))
+        cond = Conditioning(text=text.select(idx), negative=None if negative is None else negative.expand(len(chunk)))
         x = torch.stack([torch.randn(shape, generator=generator(seed, "eval", p, k)) for p, k in chunk]).to(adapter.device)
         for i in range(cfg.sampling.num_steps):
-            v = adapter.velocity(x, sigmas[i].expand(len(chunk)), cond, cfg.sampling.guidance_scale)
+            v = adapter.velocity(x, sigmas[i].expand(len(chunk)), cond, cfg.sampling.guidance_scale, embedded)
             x = step("ode", x, v, sigmas[i], sigmas[i + 1]).prev_sample
         out.append(adapter.decode(x.to(adapter.dtype)).float().cpu())
         bar.update(len(chunk))

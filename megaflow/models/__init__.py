@@ -6,12 +6,20 @@ pay for importing diffusers and transformers.
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 from megaflow.errors import ConfigError
-from megaflow.models.base import Conditioning, ModelAdapter
+from megaflow.models.base import Conditioning, ModelAdapter, TextConditioning
 
 #: Family name (recipe `model.family`) → "module:AdapterClass", imported on first use.
-ADAPTERS: dict[str, str] = {"wan": "megaflow.models.wan:WanAdapter"}
+ADAPTERS: dict[str, str] = {
+    "wan": "megaflow.models.wan:WanAdapter",
+    "wan_i2v": "megaflow.models.wan_i2v:WanI2VAdapter",
+    "hunyuan": "megaflow.models.hunyuan:HunyuanVideoAdapter",
+    "skyreels_i2v": "megaflow.models.hunyuan:SkyReelsI2VAdapter",
+    "flux": "megaflow.models.flux:FluxAdapter",
+    "sd3": "megaflow.models.sd3:SD3Adapter",
+}
 
 
 def get_adapter(family: str) -> type[ModelAdapter]:
@@ -26,4 +34,21 @@ def get_adapter(family: str) -> type[ModelAdapter]:
     return getattr(importlib.import_module(module), name)
 
 
-__all__ = ["ADAPTERS", "Conditioning", "ModelAdapter", "get_adapter"]
+def resolve_model_path(path: str, family: str = "wan") -> Path:
+    """A model folder: the aliases `tiny` (the family's tiny random model, written once to the
+    cache) and `demo` (the shipped shapes-world Wan model), else `path` itself."""
+    if path == "tiny":
+        from megaflow.models.tiny import tiny_model_dir
+
+        return tiny_model_dir(family)
+    if path == "demo":
+        if family != "wan":
+            raise ConfigError(f"model.path=demo is the shipped Wan model of the shapes world; model.family={family!r} "
+                              "has no demo model (use model.path=tiny or a downloaded folder)")
+        from megaflow.demo import base_model_dir
+
+        return base_model_dir()
+    return Path(path)
+
+
+__all__ = ["ADAPTERS", "Conditioning", "ModelAdapter", "TextConditioning", "get_adapter", "resolve_model_path"]

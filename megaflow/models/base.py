@@ -32,39 +32,105 @@ def diffusers_param_dtype(model_cls: type, name: str, dtype: torch.dtype) -> tor
     return torch.float32 if any(k in name.split(".") for k in keep) else dtype
 
 
-@dataclass
-class Conditioning:
-    """Text (and, for I2V, image) conditioning of a batch of samples.
+def _index(index: torch.Tensor | Sequence[int] | slice, device: torch.device) -> torch.Tensor | slice:
+    return index if isinstance(index, slice) else torch.as_tensor(index, dtype=torch.long, device=device)
 
-    `embeds`: `[B, L, D]` prompt embeddings; `negative`: `[B, L, D]` negative-prompt embeddings
-    for classifier-free guidance (None: no CFG); `extra`: family-specific tensors with a leading
-    batch dimension (for example I2V image latents).
+
+@dataclass
+class TextConditioning:
+    """One prompt branch of a batch, in the form the family's transformer takes.
+
+    `embeds [B, L, D]`; `mask [B, L]` (1 for real tokens; None: every token counts);
+    `pooled [B, P]` (a pooled text vector, HunyuanVideo / FLUX / SD3; None: the family has none).
     """
 
     embeds: torch.Tensor
-    negative: torch.Tensor | None = None
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    mask: torch.Tensor | None = None
+    pooled: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.embeds.shape[0]
 
+    def _map(self, fn: Any) -> "TextConditioning":
+        return TextConditioning(fn(self.embeds), None if self.mask is None else fn(self.mask),
+                                None if self.pooled is None else fn(self.pooled))
+
+    def select(self, index: torch.Tensor | Sequence[int] | slice) -> "TextConditioning":
+        """The rows of a subset of samples."""
+        index = _index(index, self.embeds.device)
+        return self._map(lambda t: t[index])
+
+    def repeat_interleave(self, repeats: int) -> "TextConditioning":
+        """Every row `repeats` times in a row (one prompt per group of samples)."""
+        return self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def expand(self, batch: int) -> "TextConditioning":
+        """A one-row branch (the negative prompt) for `batch` samples."""
+        return self._map(lambda t: t.expand(batch, *t.shape[1:]))
+
+    def to(self, device: torch.device | str) -> "TextConditioning":
+        return self._map(lambda t: t.to(device))
+
+    @staticmethod
+    def cat(branches: Sequence["TextConditioning"]) -> "TextConditioning":
+        """The branches stacked along the batch (CFG's unconditional and conditional halves)."""
+        def join(name: str) -> torch.Tensor | None:
+            parts = [getattr(b, name) for b in branches]
+            if all(p is None for p in parts):
+                return None
+            if any(p is None for p in parts):
+                raise ValueError(f"cannot stack text branches where only some have a {name}")
+            return torch.cat(parts)
+
+        return TextConditioning(torch.cat([b.embeds for b in branches]), join("mask"), join("pooled"))
+
+
+@dataclass
+class Conditioning:
+    """Conditioning of a batch of samples: `text`, the negative-prompt branch of classifier-free
+    guidance (`negative`, a full branch of its own with its mask and pooled vector; None: no
+    CFG), and `extra`, family tensors `[B, ...]` shared by both branches (I2V image latents and
+    image embeddings)."""
+
+    text: TextConditioning
+    negative: TextConditioning | None = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.text)
+
     def select(self, index: torch.Tensor | Sequence[int] | slice) -> "Conditioning":
         """The conditioning of a subset of samples (index along the batch dimension)."""
-        if not isinstance(index, slice):
-            index = torch.as_tensor(index, dtype=torch.long, device=self.embeds.device)
+        index = _index(index, self.text.embeds.device)
         return Conditioning(
-            embeds=self.embeds[index],
-            negative=None if self.negative is None else self.negative[index],
+            text=self.text.select(index),
+            negative=None if self.negative is None else self.negative.select(index),
             extra={k: t[index] for k, t in self.extra.items()},
         )
 
 
 class ModelAdapter(abc.ABC):
-    """One model family. Subclasses set `family` and implement the abstract methods."""
+    """One model family. Subclasses set `family` and implement the abstract methods; the class
+    attributes below state the family's conventions (the trainer, the sampling math and the
+    kernels always see latents `[B, C, F, H, W]` and σ in [0, 1])."""
 
     family: ClassVar[str]
     #: Names of transformer submodules that LoRA targets by default.
     default_lora_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
+    #: The transformer's timestep is `timestep_scale · σ` (1000 for most families, 1 for FLUX).
+    timestep_scale: ClassVar[float] = 1000.0
+    #: The family's embedded (distilled) guidance scale (`sampling.embedded_guidance` when null);
+    #: None: the transformer takes no guidance input.
+    default_embedded_guidance: ClassVar[float | None] = None
+    #: Whether the family is image-to-video: every prompt comes with an image (`image_conditioning`).
+    needs_image: ClassVar[bool] = False
+    #: The diffusers pipeline class whose `save_lora_weights` / `load_lora_weights` layout LoRA uses.
+    pipeline_class: ClassVar[str]
+
+    #: Subfolders a model folder of the family must have.
+    components: ClassVar[tuple[str, ...]]
+    #: How to get the weights, formatted with `path` (the folder the user named).
+    download_hint: ClassVar[str]
 
     def __init__(self, transformer: nn.Module, *, device: torch.device, dtype: torch.dtype) -> None:
         self.transformer = transformer
@@ -85,23 +151,24 @@ class ModelAdapter(abc.ABC):
 
         `dtype` is used for the frozen parts (VAE, text encoders); `transformer_dtype`
         (default `dtype`) for the transformer; `transformer_loader(cls, folder, dtype)`, if
-        given, builds the transformer (ZeRO-3: partitioned under `deepspeed.zero.Init`). Raises `ModelLoadError` naming a missing
-        component and how to provide it.
+        given, builds the transformer (ZeRO-3: partitioned under `deepspeed.zero.Init`). Raises
+        `ModelLoadError` naming a missing component and how to provide it.
         """
 
     @abc.abstractmethod
-    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Prompt embeddings `[B, L, D]` in the transformer's conditioning format."""
+    def encode_prompts(self, prompts: Sequence[str]) -> TextConditioning:
+        """The prompts' text branch (embeds, mask and pooled vector as the family needs)."""
 
     @abc.abstractmethod
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         """`(C, F, H, W)` of the latent of a video of `frames × height × width` pixels."""
 
     @abc.abstractmethod
-    def forward_transformer(self, x: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor,
-                            extra: dict[str, torch.Tensor]) -> torch.Tensor:
-        """One raw transformer call: `x [B, C, F, H, W]`, `timestep [B]` (= 1000·σ),
-        `embeds [B, L, D]` → velocity `[B, C, F, H, W]`."""
+    def forward_transformer(self, x: torch.Tensor, timestep: torch.Tensor, text: TextConditioning,
+                            extra: dict[str, torch.Tensor], guidance: torch.Tensor | None) -> torch.Tensor:
+        """One raw transformer call: `x [B, C, F, H, W]`, `timestep [B]` (`timestep_scale·σ`),
+        one text branch, the extras, `guidance [B]` (the embedded guidance scale, None when off)
+        → velocity `[B, C, F, H, W]` (this SP rank's token shard under sequence parallelism)."""
 
     @abc.abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -112,32 +179,87 @@ class ModelAdapter(abc.ABC):
     def block_classes(self) -> tuple[type[nn.Module], ...]:
         """Transformer block classes (activation checkpointing and ZeRO-3 leaf modules)."""
 
+    @classmethod
+    def check_folder(cls, path: Path) -> None:
+        """`ModelLoadError` unless `path` is a folder with every component subfolder of the family."""
+        from megaflow.errors import ModelLoadError
+
+        hint = cls.download_hint.format(path=path)
+        if not path.is_dir():
+            raise ModelLoadError(f"{cls.family} model folder {path} does not exist or is not a directory: {hint}")
+        missing = [name for name in cls.components if not (path / name).is_dir()]
+        if missing:
+            raise ModelLoadError(
+                f"{cls.family} model folder {path} is missing the component(s) {', '.join(missing)} "
+                f"(expected {', '.join(str(path / m) + '/' for m in missing)}); a diffusers-format {cls.family} "
+                f"folder has {', '.join(cls.components)} subfolders: {hint}")
+
+    @classmethod
+    def load_component(cls, path: Path, name: str, load: Any) -> Any:
+        """`load(path / name)`; any failure re-raised as a `ModelLoadError` naming the component."""
+        from safetensors import SafetensorError
+
+        from megaflow.errors import ModelLoadError
+
+        try:
+            return load(path / name)
+        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
+            raise ModelLoadError(f"cannot load the {cls.family} {name} from {path / name}: {exc}. The folder may be "
+                                 f"incomplete: {cls.download_hint.format(path=path)}") from exc
+
+    def image_conditioning(self, images: torch.Tensor, latent_shape: tuple[int, int, int, int]) -> dict[str, torch.Tensor]:
+        """I2V families: the `extra` tensors `[P, ...]` of conditioning images `[P, 3, H, W]` in
+        [0, 1] for latents of `latent_shape`; encoded once per prompt."""
+        from megaflow.errors import ConfigError
+
+        raise ConfigError(f"model family '{self.family}' is text-to-video and takes no conditioning image")
+
+    @classmethod
+    def attention_heads(cls, path: str | Path) -> int:
+        """Attention heads of the transformer in a model folder, read from its config (no model
+        built): what sequence parallelism divides."""
+        import json
+
+        from megaflow.errors import ModelLoadError
+
+        config = Path(path) / "transformer" / "config.json"
+        try:
+            return int(json.loads(config.read_text())["num_attention_heads"])
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelLoadError(f"cannot read num_attention_heads from {config}: {exc}; is {path} a "
+                                 f"diffusers-format {cls.family} folder?") from exc
+
     # ---- shared ------------------------------------------------------------------------
-    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning,
-                 guidance_scale: float = 1.0) -> torch.Tensor:
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, guidance_scale: float = 1.0,
+                 embedded_guidance: float | None = None) -> torch.Tensor:
         """The guided velocity `v = v_u + g·(v_c − v_u)`: `x [B, C, F, H, W]`, `sigma [B]`.
 
         With CFG the unconditional and conditional halves run as one batch of `2B`, so a
         sample's result depends only on the batch shape, never on how it is split. Under
         sequence parallelism the shards are gathered, so every SP rank gets the whole velocity.
         """
-        return self.unshard(self.velocity_shard(x, sigma, cond, guidance_scale), x)
+        return self.unshard(self.velocity_shard(x, sigma, cond, guidance_scale, embedded_guidance), x)
 
-    def velocity_shard(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning,
-                       guidance_scale: float = 1.0) -> torch.Tensor:
+    def velocity_shard(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, guidance_scale: float = 1.0,
+                       embedded_guidance: float | None = None) -> torch.Tensor:
         """The guided velocity in this rank's layout: `[B, C, F, H, W]` without sequence
-        parallelism, this SP rank's token shard (`shard_latent`'s layout) with it."""
-        timestep = (sigma.to(torch.float32) * 1000.0).to(x.device)
+        parallelism, this SP rank's token shard (`shard_latent`'s layout) with it.
+
+        True CFG (`guidance_scale > 1` with a negative branch) and embedded guidance (the
+        transformer's `guidance` input, the same in both halves) combine, as SkyReels-V1 uses."""
+        timestep = (sigma.to(torch.float32) * self.timestep_scale).to(x.device)
+        guidance = None if embedded_guidance is None else torch.full_like(timestep, float(embedded_guidance))
         xin = x.to(self.transformer_dtype)
         if guidance_scale > 1.0 and cond.negative is not None:
             both = self.forward_transformer(
                 torch.cat([xin, xin]), torch.cat([timestep, timestep]),
-                torch.cat([cond.negative, cond.embeds]),
+                TextConditioning.cat([cond.negative, cond.text]),
                 {k: torch.cat([t, t]) for k, t in cond.extra.items()},
+                None if guidance is None else torch.cat([guidance, guidance]),
             ).float()
             v_uncond, v_cond = both.chunk(2)
             return v_uncond + guidance_scale * (v_cond - v_uncond)
-        return self.forward_transformer(xin, timestep, cond.embeds, cond.extra).float()
+        return self.forward_transformer(xin, timestep, cond.text, cond.extra, guidance).float()
 
     # ---- sequence parallelism (identity unless a family enables it) --------------------
     sequence_parallel: Any = None
@@ -277,7 +399,16 @@ class ModelAdapter(abc.ABC):
         else:
             save_model_streaming(self.transformer, directory / "transformer", gather=gather, write=write)
 
-    @abc.abstractmethod
     def save_lora(self, directory: Path) -> None:
         """The LoRA adapters as `directory/pytorch_lora_weights.safetensors`, in the layout the
-        family pipeline's `load_lora_weights(directory)` reads."""
+        family pipeline's `load_lora_weights(directory)` reads (with the adapter's config)."""
+        import importlib
+
+        from peft import get_peft_model_state_dict
+
+        module, name = self.pipeline_class.rsplit(".", 1)
+        pipeline = getattr(importlib.import_module(module), name)
+        pipeline.save_lora_weights(
+            directory, transformer_lora_layers=get_peft_model_state_dict(self.transformer),
+            safe_serialization=True, transformer_lora_adapter_metadata=self.lora_config.to_dict(),
+        )

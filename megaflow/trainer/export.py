@@ -62,7 +62,8 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, config: str | 
     """Write `output/pytorch_lora_weights.safetensors` (LoRA) or `output/transformer/` (full
     fine-tune) from `checkpoint`; the run's `config.yaml` (two levels up, or `config`) names the
     base model. Runs in one process on CPU."""
-    from megaflow.trainer.loop import load_adapter, resolve_model_path
+    from megaflow.models import resolve_model_path
+    from megaflow.trainer.loop import load_adapter
 
     checkpoint = find_resumable(Path(checkpoint).parent, str(checkpoint), warn=False)
     config = Path(config) if config else checkpoint.parent.parent / "config.yaml"
@@ -74,7 +75,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, config: str | 
     state = consolidated_state(checkpoint)
     output = Path(output)
     if not checkpoint_meta(checkpoint).get("lora"):
-        _export_full(checkpoint, state, resolve_model_path(cfg.model.path) / "transformer", output)
+        _export_full(checkpoint, state, resolve_model_path(cfg.model.path, cfg.model.family) / "transformer", output)
         return output
     adapter = load_adapter(cfg, torch.device("cpu"))
     named = dict(adapter.transformer.named_parameters())

@@ -16,7 +16,8 @@ from megaflow.algorithms.registry import get_algorithm
 from megaflow.config import Config, save_config, validate_config, validate_parallel
 from megaflow.data.prompts import PromptSet
 from megaflow.errors import ConfigError, RewardError
-from megaflow.models import get_adapter
+from megaflow.data.images import load_image
+from megaflow.models import get_adapter, resolve_model_path
 from megaflow.models.base import Conditioning, ModelAdapter
 from megaflow.monitor.progress import progress
 from megaflow.monitor.writer import MetricsWriter
@@ -35,20 +36,6 @@ from megaflow.trainer.update import DistributedUpdate, UpdateSettings, local_sam
 log = logging.getLogger("megaflow")
 
 
-def resolve_model_path(path: str) -> Path:
-    """`"tiny"` → the built-in tiny random Wan model (written once to the cache); `"demo"` → the
-    shipped pretrained shapes-world model; else the path."""
-    if path == "tiny":
-        from megaflow.models.tiny import tiny_model_dir
-
-        return tiny_model_dir()
-    if path == "demo":
-        from megaflow.demo import base_model_dir
-
-        return base_model_dir()
-    return Path(path)
-
-
 def load_adapter(cfg: Config, device: torch.device, transformer_loader: Any = None) -> ModelAdapter:
     """Load the model and make its trainable part (LoRA or full) ready for training.
 
@@ -58,7 +45,7 @@ def load_adapter(cfg: Config, device: torch.device, transformer_loader: Any = No
     lora = cfg.model.lora
     transformer_dtype = frozen_dtype if lora else torch.float32
     adapter = get_adapter(cfg.model.family).from_pretrained(
-        resolve_model_path(cfg.model.path), dtype=frozen_dtype, device=device, transformer_dtype=transformer_dtype,
+        resolve_model_path(cfg.model.path, cfg.model.family), dtype=frozen_dtype, device=device, transformer_dtype=transformer_dtype,
         transformer_loader=transformer_loader)
     torch.manual_seed(derive_seed(cfg.seed, "init") % 2**62)
     if lora:
@@ -94,15 +81,16 @@ class Trainer:
         validate_config(cfg)
         validate_parallel(cfg, launched_world_size())
         p = cfg.parallel
+        adapter_cls = get_adapter(cfg.model.family)
         if p.sp_size > 1:
             from megaflow.parallel.ulysses import check_heads_divisible
 
-            adapter_cls = get_adapter(cfg.model.family)
-            heads = getattr(adapter_cls, "attention_heads", None)
-            if heads is None:
-                raise ConfigError(f"model family '{cfg.model.family}' has no sequence-parallel plan; "
-                                  "set parallel.sp_size=1")
-            check_heads_divisible(heads(resolve_model_path(cfg.model.path)), p.sp_size)
+            check_heads_divisible(adapter_cls.attention_heads(resolve_model_path(cfg.model.path, cfg.model.family)),
+                                  p.sp_size)
+        embedded = cfg.sampling.embedded_guidance
+        if embedded is not None and adapter_cls.default_embedded_guidance is None:
+            raise ConfigError(f"sampling.embedded_guidance={embedded}, but model family '{cfg.model.family}' has no "
+                              "embedded guidance input; use sampling.guidance_scale (true CFG) or leave it null")
         self.topo = init_topology(p.sp_size, need_distributed=p.zero_stage > 0)
         self.cfg = cfg
         self.show_progress = show_progress and self.topo.is_main
@@ -114,6 +102,9 @@ class Trainer:
         self.algorithm = get_algorithm(cfg.algorithm.name)
         self.prompts = (PromptSet.from_file(cfg.data.prompt_file, seed=cfg.seed) if cfg.data.prompt_file
                         else PromptSet(cfg.data.prompts, seed=cfg.seed))
+        if adapter_cls.needs_image and self.prompts.images is None:
+            raise ConfigError(f"model family '{cfg.model.family}' is image-to-video: set data.prompt_file to a JSONL "
+                              "file of {\"prompt\": ..., \"image\": path} records")
         self.rewards = RewardSet(cfg.reward.components, cfg.reward.options)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.topo.is_main:
@@ -145,6 +136,7 @@ class Trainer:
             guidance_scale=cfg.sampling.guidance_scale,
             precision=cfg.train.precision,
             logprob_backend=cfg.kernels.logprob,
+            embedded_guidance=embedded if embedded is not None else adapter_cls.default_embedded_guidance,
         )
         self.update_settings = UpdateSettings(
             clip_range=a.clip_range, kl_beta=a.kl_beta, micro_batch_size=cfg.train.micro_batch_size,
@@ -176,7 +168,7 @@ class Trainer:
 
             mpu = Mpu(topo)
         if stage == 3 and not adapter.uses_lora and cfg.algorithm.kl_beta > 0:
-            folder = resolve_model_path(cfg.model.path) / "transformer"
+            folder = resolve_model_path(cfg.model.path, cfg.model.family) / "transformer"
             reference = loader(type(adapter.transformer), folder, adapter.transformer_dtype).requires_grad_(False)
             set_leaf_modules(reference, adapter.block_classes)
             self.reference_engine = reference_engine(reference, self.ds_config, mpu)
@@ -197,11 +189,23 @@ class Trainer:
         adapter.engine = self.engine
         self.loss_scale = float(gradient_divisor(self.ds_config, topo.world_size, topo.sp_size))
 
-    def conditioning(self, texts: list[str], group_size: int) -> Conditioning:
-        """Embeddings of the iteration's prompts repeated per sample: `[P·G, L, D]`."""
-        embeds = self.adapter.encode_prompts(texts).repeat_interleave(group_size, dim=0)
-        negative = None if self.negative is None else self.negative.expand(embeds.shape[0], -1, -1)
-        return Conditioning(embeds=embeds, negative=negative)
+    def images(self, batch: list[tuple[int, str]]) -> torch.Tensor | None:
+        """The conditioning images of an iteration's prompts `[P, 3, H, W]` in [0, 1] (None: T2V)."""
+        if self.prompts.images is None:
+            return None
+        v = self.cfg.video
+        return torch.stack([load_image(str(self.prompts.images[idx]), v.height, v.width) for idx, _ in batch])
+
+    def conditioning(self, texts: list[str], images: torch.Tensor | None, group_size: int) -> Conditioning:
+        """The iteration's conditioning repeated per sample (`[P·G, ...]`): each prompt's text branch
+        and, for I2V, its image encoded once; the negative prompt's own branch for CFG."""
+        text = self.adapter.encode_prompts(texts).repeat_interleave(group_size)
+        negative = None if self.negative is None else self.negative.expand(len(text))
+        extra = {}
+        if self.adapter.needs_image:
+            encoded = self.adapter.image_conditioning(images.to(self.device), self.latent_shape)
+            extra = {k: t.repeat_interleave(group_size, dim=0) for k, t in encoded.items()}
+        return Conditioning(text=text, negative=negative, extra=extra)
 
     def _gather_rewards(self, local_idx: list[int], local: dict[str, torch.Tensor] | None,
                         n: int) -> dict[str, torch.Tensor]:
@@ -229,7 +233,8 @@ class Trainer:
         n = len(keys)
         local_idx = local_sample_indices(n, cfg.train.micro_batch_size, topo.dp_size, topo.dp_rank)
         local_keys = [keys[i] for i in local_idx]
-        cond = self.conditioning(texts, group_size).select(local_idx)
+        images = self.images(batch)
+        cond = self.conditioning(texts, images, group_size).select(local_idx)
         plan = self.algorithm.build_plan(cfg.sampling.num_steps, self.fraction, sample_keys=keys, seed=cfg.seed,
                                          iteration=iteration)
         local_plan = StepPlan(sde=plan.sde, trained=tuple(plan.trained[i] for i in local_idx))
@@ -242,6 +247,9 @@ class Trainer:
             t0 = time.perf_counter()
             chunk_keys = local_keys[idx]
             meta = [{"prompt_slot": slot, "sample": g, "iteration": iteration} for slot, g in chunk_keys]
+            if images is not None:
+                for m in meta:
+                    m["image"] = images[m["prompt_slot"]]
             try:
                 for name, value in self.rewards(videos.float().cpu(), [texts[slot] for slot, _ in chunk_keys],
                                                 meta).items():

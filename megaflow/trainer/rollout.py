@@ -65,10 +65,10 @@ def _velocity(adapter: ModelAdapter, x: torch.Tensor, sigma: torch.Tensor, cond:
     in sub-batches of `sub_batch`."""
     with settings.autocast(x.device):
         if sub_batch is None or sub_batch >= x.shape[0]:
-            return adapter.velocity_shard(x, sigma, cond, settings.guidance_scale)
+            return adapter.velocity_shard(x, sigma, cond, settings.guidance_scale, settings.embedded_guidance)
         return torch.cat([
             adapter.velocity_shard(x[i:i + sub_batch], sigma[i:i + sub_batch], cond.select(slice(i, i + sub_batch)),
-                                   settings.guidance_scale)
+                                   settings.guidance_scale, settings.embedded_guidance)
             for i in range(0, x.shape[0], sub_batch)
         ])
 

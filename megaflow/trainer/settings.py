@@ -10,7 +10,8 @@ import torch
 
 @dataclass(frozen=True)
 class SamplerSettings:
-    """`sigmas [N+1]` float32 grid, SDE kind and noise level, CFG scale, precision, kernel backend."""
+    """`sigmas [N+1]` float32 grid, SDE kind and noise level, true-CFG scale, embedded guidance
+    (None: the family takes none), precision, kernel backend."""
 
     sigmas: torch.Tensor
     sde_kind: str
@@ -18,6 +19,7 @@ class SamplerSettings:
     guidance_scale: float
     precision: str = "fp32"
     logprob_backend: str = "auto"
+    embedded_guidance: float | None = None
 
     @property
     def sigma_max(self) -> float:

@@ -125,13 +125,14 @@ def policy_update(adapter: ModelAdapter, rollout: Rollout, cond: Conditioning, a
                 mean_ref = None
                 if update.kl_beta > 0:
                     with torch.no_grad(), adapter.reference_mode(), settings.autocast(device):
-                        v_ref = adapter.velocity_shard(x, sigma, mb_cond, settings.guidance_scale)
+                        v_ref = adapter.velocity_shard(x, sigma, mb_cond, settings.guidance_scale,
+                                                       settings.embedded_guidance)
                     xs, xns = adapter.shard_latent(x), adapter.shard_latent(x_next)
                     mean_ref = step(settings.sde_kind, xs, v_ref, sigma, sigma_next, noise_level=settings.noise_level,
                                     sigma_max=settings.sigma_max, prev_sample=xns, compute_log_prob=False).mean
                 with torch.set_grad_enabled(w_weight > 0):
                     with settings.autocast(device):
-                        v = adapter.velocity_shard(x, sigma, mb_cond, settings.guidance_scale)
+                        v = adapter.velocity_shard(x, sigma, mb_cond, settings.guidance_scale, settings.embedded_guidance)
                     out = step_log_prob(adapter, settings, settings.sde_kind, x, v, x_next, sigma, sigma_next,
                                         mean_ref_shard=mean_ref, sp_group=layout.sp_group)
                     per_sample, stats = clipped_surrogate(out.log_prob, rollout.logp_old[mb, k].to(device), adv,

@@ -16,7 +16,7 @@ from megaflow.demo.evaluate import evaluate
 from megaflow.demo.pretrain import PretrainSettings, pretrain
 from megaflow.demo.world import FRAMES, HEIGHT, WIDTH, sample_dataset
 from megaflow.errors import ModelLoadError
-from megaflow.trainer.loop import resolve_model_path
+from megaflow.models import resolve_model_path
 
 ALLOWED_SUFFIXES = {".safetensors", ".json"}
 

@@ -11,7 +11,7 @@ from diffusers import WanPipeline, WanTransformer3DModel
 from peft import get_peft_model_state_dict
 
 from megaflow.errors import ConfigError, ModelLoadError
-from megaflow.models import ADAPTERS, Conditioning, get_adapter
+from megaflow.models import ADAPTERS, Conditioning, TextConditioning, get_adapter
 from megaflow.models.wan import WanAdapter
 from megaflow.models.tiny import TINY_VIDEO
 
@@ -90,12 +90,12 @@ def test_missing_folder_and_broken_component(tiny_wan_dir: Path, tmp_path: Path)
     assert "model.path=tiny" in str(info.value)
     folder = Path(shutil.copytree(tiny_wan_dir, tmp_path / "wan"))
     (folder / "vae" / "diffusion_pytorch_model.safetensors").unlink()
-    with pytest.raises(ModelLoadError, match="cannot load the Wan vae"):
+    with pytest.raises(ModelLoadError, match="cannot load the wan vae"):
         load(folder)
     shutil.copy(tiny_wan_dir / "vae" / "diffusion_pytorch_model.safetensors", folder / "vae")
     weights = folder / "text_encoder" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    with pytest.raises(ModelLoadError, match="cannot load the Wan text_encoder"):
+    with pytest.raises(ModelLoadError, match="cannot load the wan text_encoder"):
         load(folder)
 
 
@@ -108,7 +108,7 @@ def test_max_sequence_length_defaults_to_512(tiny_wan_dir: Path, tmp_path: Path)
     config_file.write_text(json.dumps(config))
     adapter = load(folder)
     assert adapter.max_sequence_length == 512
-    assert adapter.encode_prompts(["a red ball"]).shape == (1, 512, 32)
+    assert adapter.encode_prompts(["a red ball"]).embeds.shape == (1, 512, 32)
 
 
 def test_bf16_transformer_with_lora(tiny_wan_dir: Path) -> None:
@@ -131,7 +131,9 @@ def test_unknown_family() -> None:
 
 
 def test_encode_prompts_matches_pipeline(adapter: WanAdapter, pipe: WanPipeline) -> None:
-    embeds = adapter.encode_prompts(PROMPTS)
+    text = adapter.encode_prompts(PROMPTS)
+    assert text.mask is None and text.pooled is None  # Wan zeroes the padding and attends to every token
+    embeds = text.embeds
     with torch.no_grad():
         expected, negative = pipe.encode_prompt(
             PROMPTS, do_classifier_free_guidance=False, max_sequence_length=adapter.max_sequence_length,
@@ -158,30 +160,33 @@ def test_velocity_cfg_equals_two_calls(adapter: WanAdapter) -> None:
     x, sigma, cond = random_inputs(adapter, 2)
     with torch.no_grad():
         v = adapter.velocity(x, sigma, cond, guidance_scale=4.5)
-        v_u = adapter.forward_transformer(x, sigma * 1000, cond.negative, {})
-        v_c = adapter.forward_transformer(x, sigma * 1000, cond.embeds, {})
+        v_u = adapter.forward_transformer(x, sigma * 1000, cond.negative, {}, None)
+        v_c = adapter.forward_transformer(x, sigma * 1000, cond.text, {}, None)
         v_plain = adapter.velocity(x, sigma, cond, guidance_scale=1.0)
     assert v.shape == x.shape and v.dtype == torch.float32
     torch.testing.assert_close(v, v_u + 4.5 * (v_c - v_u), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(v_plain, v_c, rtol=0, atol=0)
     assert not torch.allclose(v_u, v_c)
     with pytest.raises(ValueError, match="extra"):
-        adapter.forward_transformer(x, sigma * 1000, cond.embeds, {"image": x})
+        adapter.forward_transformer(x, sigma * 1000, cond.text, {"image": x}, None)
+    with pytest.raises(ValueError, match="no embedded guidance"):
+        adapter.forward_transformer(x, sigma * 1000, cond.text, {}, torch.ones(2))
 
 
 def test_velocity_rows_independent(adapter: WanAdapter) -> None:
     x, sigma, cond = random_inputs(adapter, 4, seed=1)
     x2, sigma2, cond2 = random_inputs(adapter, 4, seed=2)
-    cond2 = Conditioning(cond2.embeds.flip(0), negative=cond2.negative)
+    cond2 = Conditioning(cond2.text.select(torch.arange(3, -1, -1)), negative=cond2.negative)
     with torch.no_grad():
         v = adapter.velocity(x, sigma, cond, guidance_scale=5.0)
         for row in range(4):
             others = torch.arange(4) != row
             xm, sm = x.clone(), sigma.clone()
             xm[others], sm[others] = x2[others], sigma2[others]
-            embeds = cond.embeds.clone()
-            embeds[others] = cond2.embeds[others]
-            vm = adapter.velocity(xm, sm, Conditioning(embeds, negative=cond.negative), guidance_scale=5.0)
+            embeds = cond.text.embeds.clone()
+            embeds[others] = cond2.text.embeds[others]
+            vm = adapter.velocity(xm, sm, Conditioning(TextConditioning(embeds), negative=cond.negative),
+                                  guidance_scale=5.0)
             assert torch.equal(vm[row], v[row])
             assert not torch.equal(vm[others], v[others])
 
@@ -229,9 +234,9 @@ def test_lora_roundtrip(tiny_wan_dir: Path, tmp_path: Path, pipe: WanPipeline, a
         torch.testing.assert_close(loaded[key], saved[key], rtol=0, atol=0)
     with torch.no_grad():
         v_pipe = lora_pipe.transformer(
-            hidden_states=x, timestep=sigma * 1000, encoder_hidden_states=cond.embeds, return_dict=False,
+            hidden_states=x, timestep=sigma * 1000, encoder_hidden_states=cond.text.embeds, return_dict=False,
         )[0]
-        v_cond = adapter.forward_transformer(x, sigma * 1000, cond.embeds, {})
+        v_cond = adapter.forward_transformer(x, sigma * 1000, cond.text, {}, None)
     torch.testing.assert_close(v_pipe, v_cond, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(generate(lora_pipe), generate(pipe), atol=1e-3)
 
