@@ -12,7 +12,7 @@ setup(
     # kernels/ and ds_configs/ stay top-level folders of the repository (where users read them) and
     # are installed inside the package, so a wheel or a non-editable install has them too.
     package_dir={"megaflow.kernels": "kernels", "megaflow.ds_configs": "ds_configs"},
-    package_data={"megaflow": ["recipes/*.yaml", "recipes/*.jsonl", "recipes/images/*.png",
+    package_data={"megaflow": ["recipes/*.yaml", "recipes/*.jsonl", "recipes/images/*.png", "models/configs/*.json",
                              "demo/base_model/*.json", "demo/base_model/*/*.json",
                              "demo/base_model/*/*.safetensors"],
                   "megaflow.ds_configs": ["*.json"]},
