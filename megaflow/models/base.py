@@ -116,7 +116,9 @@ class ModelAdapter(abc.ABC):
 
     family: ClassVar[str]
     #: Names of transformer submodules that LoRA targets by default.
-    default_lora_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
+    #: Transformer submodules LoRA adapts by default: name suffixes, or one regex over full module
+    #: names (peft's `target_modules` string form) when some same-named modules must stay out.
+    default_lora_targets: ClassVar[tuple[str, ...] | str] = ("to_q", "to_k", "to_v", "to_out.0")
     #: The transformer's timestep is `timestep_scale · σ` (1000 for most families, 1 for FLUX).
     timestep_scale: ClassVar[float] = 1000.0
     #: The family's embedded (distilled) guidance scale (`sampling.embedded_guidance` when null);
@@ -296,14 +298,16 @@ class ModelAdapter(abc.ABC):
         dtype = getattr(self.transformer, "dtype", None)
         return dtype if isinstance(dtype, torch.dtype) else next(self.transformer.parameters()).dtype
 
-    def apply_lora(self, rank: int, alpha: float, targets: Sequence[str] | None = None) -> None:
-        """Freeze the transformer and add trainable LoRA adapters (peft) on `targets`."""
+    def apply_lora(self, rank: int, alpha: float, targets: Sequence[str] | str | None = None) -> None:
+        """Freeze the transformer and add trainable LoRA adapters (peft) on `targets` (name
+        suffixes or one regex; None: the family's `default_lora_targets`)."""
         from peft import LoraConfig
 
         self.transformer.requires_grad_(False)
+        targets = targets or self.default_lora_targets
         self.lora_config = LoraConfig(
             r=rank, lora_alpha=alpha, init_lora_weights=True,
-            target_modules=list(targets or self.default_lora_targets),
+            target_modules=targets if isinstance(targets, str) else list(targets),
         )
         self.transformer.add_adapter(self.lora_config)
         for p in self.transformer.parameters():

@@ -16,7 +16,8 @@ Calling the pipelines on these folders:
 - `hunyuan`, `skyreels_i2v`: pass `prompt_template=TINY_HUNYUAN_PROMPT_TEMPLATE`. diffusers'
   default template (`crop_start=95`, counted in the real Llama tokenizer's tokens) leaves template
   text in the embeddings, and `crop_start=None` crops every prompt token away (an all-zero mask,
-  no error).
+  no error). The folders carry that template (and the 16-token prompt length) in
+  `megaflow_text.json`, which megaflow's Hunyuan adapters read (`megaflow.models.hunyuan`).
 """
 from __future__ import annotations
 
@@ -61,8 +62,8 @@ TINY_SIZES: dict[str, dict[str, int]] = {
 TINY_NAMES: dict[str, str] = {
     "wan": "tiny-wan-v1",
     "wan_i2v": "tiny-wan-i2v-v1",
-    "hunyuan": "tiny-hunyuan-v1",
-    "skyreels_i2v": "tiny-skyreels-i2v-v1",
+    "hunyuan": "tiny-hunyuan-v2",
+    "skyreels_i2v": "tiny-skyreels-i2v-v2",
     "flux": "tiny-flux-v1",
     "sd3": "tiny-sd3-v1",
 }
@@ -451,9 +452,14 @@ def build_tiny_wan_pipeline(seed: int = 0) -> DiffusionPipeline:
 
 
 def write_tiny_pipeline(family: str, folder: str | Path, seed: int = 0) -> Path:
-    """Write the tiny model of `family` as a diffusers folder (its pipeline's `save_pretrained`)."""
+    """Write the tiny model of `family` as a diffusers folder (its pipeline's `save_pretrained`;
+    Hunyuan / SkyReels also get the `megaflow_text.json` their tokenizer needs)."""
     folder = Path(folder)
     build_tiny_pipeline(family, seed).save_pretrained(folder, safe_serialization=True)
+    if family in ("hunyuan", "skyreels_i2v"):
+        from megaflow.models.hunyuan import write_text_settings
+
+        write_text_settings(folder, TINY_HUNYUAN_PROMPT_TEMPLATE, TINY_MAX_SEQUENCE_LENGTH)
     return folder
 
 

@@ -166,11 +166,6 @@ class WanAdapter(ModelAdapter):
         if self._reference is not None:
             WanSequenceParallel(self._reference, group)
 
-    def normalize_latents(self, z: torch.Tensor) -> torch.Tensor:
-        """VAE latents → the transformer's latent space (`(z − mean) / std` per channel)."""
-        mean, std = self._latent_stats(z)
-        return (z - mean) / std
-
     def _latent_stats(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (1, int(self.vae.config.z_dim), 1, 1, 1)
         mean = torch.tensor(self.vae.config.latents_mean).view(shape).to(z.device, z.dtype)

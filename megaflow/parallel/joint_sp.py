@@ -71,12 +71,28 @@ def leading_part_mask(mask: torch.Tensor | None, local: int, sp: int) -> torch.T
     return mask.unflatten(-1, (sp, -1))[..., :local].flatten(-2)
 
 
+def part_major_order(lengths: Sequence[int], sp: int, device: torch.device) -> torch.Tensor:
+    """Positions, in the gathered sequence `[rank 0: part 0 (l0), part 1 (l1), …; rank 1: …]`, of
+    the part-major order `[part 0 of every rank; part 1 of every rank; …]`: the one-process token
+    order, so attention sums over its keys in the same order with or without SP."""
+    total = sum(lengths)
+    starts = [sum(lengths[:j]) for j in range(len(lengths))]
+    return torch.cat([torch.arange(r * total + s, r * total + s + n) for s, n in zip(starts, lengths)
+                      for r in range(sp)]).to(device)
+
+
 def ulysses_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-                      group: Any) -> torch.Tensor:
+                      group: Any, parts: Sequence[int] | None = None) -> torch.Tensor:
     """Attention of this rank's queries `[B, l, H, d]` over every rank's keys / values (same
     layout): all-to-all to `[B, sp·l, H/sp, d]`, SDPA with the key mask `[B, 1, 1, sp·l]`,
-    all-to-all back. Returns `[B, l, H·d]` in `query`'s dtype."""
+    all-to-all back. Returns `[B, l, H·d]` in `query`'s dtype. `parts`: the per-rank lengths of
+    the concatenated parts (image, text); keys, values and mask are then put in one-process order,
+    so the softmax sums round as on one process."""
     q, k, v = (seq_to_heads(t, group).transpose(1, 2) for t in (query, key, value))
+    if parts is not None and len(parts) > 1:
+        order = part_major_order(parts, dist.get_world_size(group), k.device)
+        k, v = k[:, :, order], v[:, :, order]
+        mask = None if mask is None else mask[..., order]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
     return heads_to_seq(out.transpose(1, 2), group).flatten(2, 3).to(query.dtype)
 
@@ -132,7 +148,7 @@ class UlyssesJointAttnProcessor:
             return _output(attn, ulysses_attention(q, k, v, mask, self.group), None)[0]
         eq, ek, ev = _project(attn, encoder_hidden_states, added=_has_added(attn))
         q, k, v = torch.cat([q, eq], 1), torch.cat([k, ek], 1), torch.cat([v, ev], 1)
-        out = ulysses_attention(q, k, v, attention_mask, self.group)
+        out = ulysses_attention(q, k, v, attention_mask, self.group, parts=(n, eq.shape[1]))
         return _output(attn, out[:, :n], out[:, n:])
 
 

@@ -126,7 +126,7 @@ def test_bf16_transformer_with_lora(tiny_wan_dir: Path) -> None:
 
 
 def test_unknown_family() -> None:
-    with pytest.raises(ConfigError, match="valid families: wan"):
+    with pytest.raises(ConfigError, match="valid families: flux, hunyuan, sd3, skyreels_i2v, wan, wan_i2v"):
         get_adapter("hunyuan-video-99")
 
 
