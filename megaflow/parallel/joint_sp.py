@@ -161,13 +161,14 @@ class UlyssesFluxAttnProcessor:
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None,
-                 image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None
+                 image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None, text_tokens: int = 0
                  ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """`attention_mask`: key mask `[B, 1, 1, sp·(l_txt + l_img)]`; `image_rotary_emb`: `(cos, sin)`
-        `[l_txt + l_img, d]` of this rank's `[text; image]` tokens. A single-stream block passes
-        the concatenation as `hidden_states` and no text."""
+        `[l_txt + l_img, d]` of this rank's `[text; image]` tokens; `text_tokens`: `l_txt` (so the
+        keys are summed in one-process order). A single-stream block passes the concatenation as
+        `hidden_states` and no text."""
         q, k, v = _project(attn, hidden_states, added=False)
-        m = 0
+        m = text_tokens
         if encoder_hidden_states is not None:
             m = encoder_hidden_states.shape[1]
             eq, ek, ev = _project(attn, encoder_hidden_states, added=True)
@@ -175,7 +176,7 @@ class UlyssesFluxAttnProcessor:
         if image_rotary_emb is not None:
             q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
             k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
-        out = ulysses_attention(q, k, v, attention_mask, self.group)
+        out = ulysses_attention(q, k, v, attention_mask, self.group, parts=(m, q.shape[1] - m))
         if encoder_hidden_states is None:
             return out
         return _output(attn, out[:, m:], out[:, :m])
@@ -254,7 +255,9 @@ def _flux_forward(self: Any, hidden_states: torch.Tensor, encoder_hidden_states:
     n_txt, n_img = text.shape[1], image.shape[1]
     rotary = _shard_rotary(self.pos_embed(torch.cat((txt_ids, img_ids), dim=0)), [n_txt, n_img], group)
     mask = joint_key_mask([(local_length(n_txt, sp), n_txt), (local_length(n_img, sp), n_img)], sp, image.device)
-    kwargs = None if mask is None else {"attention_mask": mask}
+    kwargs = {"text_tokens": local_length(n_txt, sp)}
+    if mask is not None:
+        kwargs["attention_mask"] = mask
     text, image = shard_padded(text, 1, group), shard_padded(image, 1, group)
     for block in [*self.transformer_blocks, *self.single_transformer_blocks]:
         text, image = _run_block(self, block, image, text, temb, rotary, kwargs)

@@ -5,10 +5,13 @@ import torch
 
 
 def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
-    """Apply the resolution shift `s·σ / (1 + (s−1)·σ)` elementwise."""
+    """Apply the resolution shift `s·σ / (1 + (s−1)·σ)` elementwise. The shift fixes σ = 1
+    exactly: float32 can miss it by one ulp (shift 1.5831 gives 0.99999994), which would make the
+    flow_grpo step's σ/(1−σ) at pure noise about 1.7e7 instead of using the grid's σ_1."""
     if shift <= 0:
         raise ValueError(f"shift must be positive, got {shift}")
-    return shift * sigmas / (1 + (shift - 1) * sigmas)
+    shifted = shift * sigmas / (1 + (shift - 1) * sigmas)
+    return torch.where(sigmas == 1, sigmas, shifted)
 
 
 def flow_sigmas(num_steps: int, shift: float = 1.0) -> torch.Tensor:

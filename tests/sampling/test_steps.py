@@ -166,3 +166,16 @@ def test_loss_gradient_wrt_velocity_matches_finite_differences(kind):
             fd = (loss_fn(v + eps * u) - loss_fn(v - eps * u)) / (2 * eps)
         analytic = (v.grad * u).sum()
         assert torch.isclose(analytic, fd, rtol=2e-3, atol=1e-5), (trial, float(analytic), float(fd))
+
+
+@pytest.mark.parametrize("shift", [1.0, 1.58, 1.583, 1.5831, 3.0, 5.0, 7.0])
+def test_grid_starts_at_exactly_one_and_the_first_flow_grpo_step_uses_sigma_max(shift):
+    """float32 shifts can miss σ = 1 by one ulp (1.5831 → 0.99999994); the grid must start at 1
+    exactly, or flow_grpo's σ/(1−σ) at pure noise explodes instead of using the grid's σ_1."""
+    sigmas = flow_sigmas(10, shift)
+    assert float(sigmas[0]) == 1.0 and float(sigmas[-1]) == 0.0
+    x, v = torch.zeros(1, 4), torch.zeros(1, 4)
+    out = step("flow_grpo", x, v, sigmas[0], sigmas[1], noise_level=0.7, sigma_max=sigmas[1], noise=torch.zeros(1, 4))
+    s1 = float(sigmas[1])
+    expected = 0.7 * math.sqrt(1.0 / (1 - s1)) * math.sqrt(1.0 - s1)
+    assert float(out.std[0]) == pytest.approx(expected, rel=1e-5)
