@@ -32,6 +32,24 @@ def diffusers_param_dtype(model_cls: type, name: str, dtype: torch.dtype) -> tor
     return torch.float32 if any(k in name.split(".") for k in keep) else dtype
 
 
+def video_latent_shape(name: str, frames: int, height: int, width: int, *, temporal: int, spatial: int,
+                       patch: tuple[int, int, int], channels: int) -> tuple[int, int, int, int]:
+    """`(channels, (frames−1)//temporal + 1, height//spatial, width//spatial)`: the latent of a
+    video VAE (first frame alone, then `temporal` frames per latent frame) that a transformer
+    patchifies by `patch = (pt, ph, pw)`; `ValueError` naming the model for sizes it cannot take."""
+    pt, ph, pw = patch
+    if frames < 1 or (frames - 1) % temporal:
+        raise ValueError(f"{name} needs frames = 1 + {temporal}·k (frames − 1 divisible by the VAE's temporal "
+                         f"factor {temporal}); got frames={frames}")
+    if height % (spatial * ph) or width % (spatial * pw):
+        raise ValueError(f"{name} needs height divisible by {spatial * ph} and width by {spatial * pw} (VAE factor "
+                         f"{spatial} × patch {ph}×{pw}); got height={height}, width={width}")
+    latent_frames = (frames - 1) // temporal + 1
+    if latent_frames % pt:
+        raise ValueError(f"{name}'s temporal patch {pt} must divide the {latent_frames} latent frames of {frames} frames")
+    return channels, latent_frames, height // spatial, width // spatial
+
+
 def _index(index: torch.Tensor | Sequence[int] | slice, device: torch.device) -> torch.Tensor | slice:
     return index if isinstance(index, slice) else torch.as_tensor(index, dtype=torch.long, device=device)
 

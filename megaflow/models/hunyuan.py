@@ -37,7 +37,7 @@ from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PRO
 from torch import nn
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, LlamaModel
 
-from megaflow.models.base import ModelAdapter, TextConditioning
+from megaflow.models.base import ModelAdapter, TextConditioning, video_latent_shape
 
 #: Optional file in a model folder with the prompt template its tokenizer needs (module docstring).
 TEXT_SETTINGS_FILE = "megaflow_text.json"
@@ -249,20 +249,11 @@ class HunyuanVideoAdapter(ModelAdapter):
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         """`(C, (frames−1)//4 + 1, height//8, width//8)` with C the denoised latent's channels
         (`out_channels`); `ValueError` for sizes the model cannot take."""
-        t, s = self.vae_scale_factor_temporal, self.vae_scale_factor_spatial
         config = self.transformer.config
-        p, pt = int(config.patch_size), int(config.patch_size_t)
-        if frames < 1 or (frames - 1) % t:
-            raise ValueError(f"HunyuanVideo needs frames = 1 + {t}·k (frames − 1 divisible by the VAE's temporal "
-                             f"factor {t}); got frames={frames}")
-        if height % (s * p) or width % (s * p):
-            raise ValueError(f"HunyuanVideo needs height and width divisible by {s * p} (VAE factor {s} × patch {p}); "
-                             f"got height={height}, width={width}")
-        latent_frames = (frames - 1) // t + 1
-        if latent_frames % pt:
-            raise ValueError(f"HunyuanVideo's temporal patch {pt} must divide the {latent_frames} latent frames of "
-                             f"{frames} frames")
-        return int(config.out_channels or config.in_channels), latent_frames, height // s, width // s
+        p = int(config.patch_size)
+        return video_latent_shape("HunyuanVideo", frames, height, width, temporal=self.vae_scale_factor_temporal,
+                                  spatial=self.vae_scale_factor_spatial, patch=(int(config.patch_size_t), p, p),
+                                  channels=int(config.out_channels or config.in_channels))
 
     def transformer_inputs(self, x: torch.Tensor, extra: dict[str, torch.Tensor]) -> torch.Tensor:
         """The transformer's `hidden_states` (text-to-video: the latents alone)."""

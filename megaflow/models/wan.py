@@ -18,7 +18,7 @@ from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 from torch import nn
 from transformers import AutoTokenizer, UMT5EncoderModel
 
-from megaflow.models.base import ModelAdapter, TextConditioning
+from megaflow.models.base import ModelAdapter, TextConditioning, video_latent_shape
 
 try:
     import ftfy
@@ -124,20 +124,10 @@ class WanAdapter(ModelAdapter):
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         """`(C, (frames−1)//t + 1, height//s, width//s)` with C the denoised latent's channels
         (`out_channels`); `ValueError` for sizes the model cannot take."""
-        t, s = self.vae_scale_factor_temporal, self.vae_scale_factor_spatial
-        pt, ph, pw = (int(p) for p in self.transformer.config.patch_size)
-        if frames < 1 or (frames - 1) % t:
-            raise ValueError(f"Wan needs frames = 1 + {t}·k (frames − 1 divisible by the VAE's temporal "
-                             f"factor {t}); got frames={frames}")
-        if height % (s * ph) or width % (s * pw):
-            raise ValueError(f"Wan needs height divisible by {s * ph} and width by {s * pw} (VAE factor {s} "
-                             f"× patch {ph}×{pw}); got height={height}, width={width}")
-        latent_frames = (frames - 1) // t + 1
-        if latent_frames % pt:
-            raise ValueError(f"Wan's temporal patch {pt} must divide the {latent_frames} latent frames "
-                             f"of {frames} frames")
-        channels = self.transformer.config.out_channels or self.transformer.config.in_channels
-        return int(channels), latent_frames, height // s, width // s
+        config = self.transformer.config
+        return video_latent_shape("Wan", frames, height, width, temporal=self.vae_scale_factor_temporal,
+                                  spatial=self.vae_scale_factor_spatial, patch=tuple(int(p) for p in config.patch_size),
+                                  channels=int(config.out_channels or config.in_channels))
 
     def transformer_inputs(self, x: torch.Tensor, extra: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The transformer's input tensors besides text and timestep (T2V: the latents alone)."""

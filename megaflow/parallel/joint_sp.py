@@ -316,15 +316,10 @@ class HunyuanSequenceParallel(SequenceShards):
         blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
         _apply(transformer, group, UlyssesJointAttnProcessor(group), [b.attn for b in blocks], _hunyuan_forward)
 
-    def _grid(self, latent: torch.Tensor) -> tuple[int, int, int]:
-        _, _, f, h, w = latent.shape
-        pt, ph, pw = self.patch
-        return f // pt, h // ph, w // pw
-
     def patchify(self, latent: torch.Tensor) -> torch.Tensor:
         """`[B, C, F, H, W]` → tokens `[B, L, C·pt·p·p]` in the output projection's channel order."""
         b, c = latent.shape[:2]
-        f, h, w = self._grid(latent)
+        f, h, w = self.grid(latent)
         pt, ph, pw = self.patch
         x = latent.reshape(b, c, f, pt, h, ph, w, pw).permute(0, 2, 4, 6, 1, 3, 5, 7)
         return x.reshape(b, f * h * w, c * pt * ph * pw)
@@ -332,7 +327,7 @@ class HunyuanSequenceParallel(SequenceShards):
     def unpatchify(self, tokens: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """Tokens `[B, L, C·pt·p·p]` → latent of `like`'s shape `[B, C, F, H, W]`."""
         b, c = like.shape[:2]
-        f, h, w = self._grid(like)
+        f, h, w = self.grid(like)
         pt, ph, pw = self.patch
         x = tokens.reshape(b, f, h, w, c, pt, ph, pw).permute(0, 4, 1, 5, 2, 6, 3, 7)
         return x.reshape(like.shape)

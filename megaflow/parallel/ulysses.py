@@ -115,10 +115,19 @@ class SequenceShards(abc.ABC):
     projection's channel order); the sharded forward returns this rank's zero-padded shard
     `[B, L_pad/sp, P]` of the `L` tokens (`L_pad` the next multiple of sp)."""
 
+    #: The transformer's patch `(pt, ph, pw)` over latent frames, rows and columns.
+    patch: tuple[int, int, int] = (1, 1, 1)
+
     def __init__(self, group) -> None:
         self.group = group
         self.sp = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
+
+    def grid(self, latent: torch.Tensor) -> tuple[int, int, int]:
+        """Tokens along frames, rows and columns of a latent `[B, C, F, H, W]`."""
+        _, _, f, h, w = latent.shape
+        pt, ph, pw = self.patch
+        return f // pt, h // ph, w // pw
 
     @abc.abstractmethod
     def patchify(self, latent: torch.Tensor) -> torch.Tensor:

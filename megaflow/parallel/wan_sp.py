@@ -144,15 +144,10 @@ class WanSequenceParallel(SequenceShards):
             block.attn1.set_processor(UlyssesWanAttnProcessor(group))
         transformer.forward = types.MethodType(_sharded_forward, transformer)
 
-    def _grid(self, latent: torch.Tensor) -> tuple[int, int, int]:
-        _, _, f, h, w = latent.shape
-        pt, ph, pw = self.patch
-        return f // pt, h // ph, w // pw
-
     def patchify(self, latent: torch.Tensor) -> torch.Tensor:
         """`[B, C, F, H, W]` → tokens `[B, L, pt·ph·pw·C]` in the output projection's channel order."""
         b, c = latent.shape[:2]
-        f, h, w = self._grid(latent)
+        f, h, w = self.grid(latent)
         pt, ph, pw = self.patch
         x = latent.reshape(b, c, f, pt, h, ph, w, pw).permute(0, 2, 4, 6, 3, 5, 7, 1)
         return x.reshape(b, f * h * w, pt * ph * pw * c)
@@ -161,7 +156,7 @@ class WanSequenceParallel(SequenceShards):
         """Tokens `[B, L, pt·ph·pw·C]` → latent `[B, C, F, H, W]` with `like`'s batch, frames, height
         and width; `C` comes from the tokens, so `like` may be the model input with `C_in` channels."""
         b = like.shape[0]
-        f, h, w = self._grid(like)
+        f, h, w = self.grid(like)
         pt, ph, pw = self.patch
         x = tokens.reshape(b, f, h, w, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return x.reshape(b, -1, *like.shape[2:])
