@@ -119,10 +119,14 @@ def assert_lora_checkpoint_holds_no_frozen_weight(checkpoint: Path) -> None:
     base model: every tensor of its engine files belongs to a LoRA weight."""
     from safetensors.torch import load_file
 
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
     lora = sum(t.numel() for t in load_file(str(checkpoint / "pytorch_lora_weights.safetensors")).values())
     tensors = 0
     for f in (checkpoint / "engine").rglob("*.pt"):
-        state = torch.load(f, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler]):  # what DeepSpeed's optimizer files hold
+            state = torch.load(f, map_location="cpu", weights_only=True)
         assert not state.get("frozen_param_fragments"), f
         assert all("lora_" in name for name in state.get("module") or {}), f
         tensors += sum(t.numel() for t in _tensors(state))
