@@ -91,6 +91,11 @@ class Trainer:
         if embedded is not None and adapter_cls.default_embedded_guidance is None:
             raise ConfigError(f"sampling.embedded_guidance={embedded}, but model family '{cfg.model.family}' has no "
                               "embedded guidance input; use sampling.guidance_scale (true CFG) or leave it null")
+        self.prompts = (PromptSet.from_file(cfg.data.prompt_file, seed=cfg.seed) if cfg.data.prompt_file
+                        else PromptSet(cfg.data.prompts, seed=cfg.seed))
+        if adapter_cls.needs_image and self.prompts.images is None:
+            raise ConfigError(f"model family '{cfg.model.family}' is image-to-video: set data.prompt_file to a JSONL "
+                              "file of {\"prompt\": ..., \"image\": path} records")
         self.topo = init_topology(p.sp_size, need_distributed=p.zero_stage > 0)
         self.cfg = cfg
         self.show_progress = show_progress and self.topo.is_main
@@ -100,11 +105,6 @@ class Trainer:
             check_resumable(resume_from, family=cfg.model.family, lora=cfg.model.lora, zero_stage=p.zero_stage,
                             world_size=self.topo.world_size, sp_size=p.sp_size)
         self.algorithm = get_algorithm(cfg.algorithm.name)
-        self.prompts = (PromptSet.from_file(cfg.data.prompt_file, seed=cfg.seed) if cfg.data.prompt_file
-                        else PromptSet(cfg.data.prompts, seed=cfg.seed))
-        if adapter_cls.needs_image and self.prompts.images is None:
-            raise ConfigError(f"model family '{cfg.model.family}' is image-to-video: set data.prompt_file to a JSONL "
-                              "file of {\"prompt\": ..., \"image\": path} records")
         self.rewards = RewardSet(cfg.reward.components, cfg.reward.options)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.topo.is_main:

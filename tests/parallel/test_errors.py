@@ -68,3 +68,13 @@ def test_cli_reports_one_line_and_exit_2(tmp_path, tiny_wan_dir):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("megaflow: error: the world of 3 ranks")
     assert not (tmp_path / "logs").exists()
+
+
+def test_image_to_video_without_images_and_guidance_the_family_lacks(tmp_path, nothing_built):
+    """Checked before any model loads: an I2V family needs prompt/image records, and only
+    guidance-distilled families take sampling.embedded_guidance."""
+    cfg = load_config("tiny_wan_i2v", [f"output_dir={tmp_path}", "data.prompt_file=null", "data.prompts=[a cat]"])
+    with pytest.raises(ConfigError, match="image-to-video: set data.prompt_file to a JSONL"):
+        loop.Trainer(cfg)
+    with pytest.raises(ConfigError, match="no embedded guidance input"):
+        loop.Trainer(load_config("tiny", [f"output_dir={tmp_path}", "sampling.embedded_guidance=3.5"]))
