@@ -31,10 +31,11 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from megaflow.trainer.ema import describe_weights
     from megaflow.trainer.export import export_checkpoint
 
-    out = export_checkpoint(args.checkpoint, args.output, args.config)
-    print(f"exported the trainable weights of {args.checkpoint} to {out}")
+    out = export_checkpoint(args.checkpoint, args.output, args.config, ema=not args.no_ema)
+    print(f"exported {describe_weights(args.checkpoint, not args.no_ema)} of {args.checkpoint} to {out}")
     return 0
 
 
@@ -43,6 +44,10 @@ def _bench(args: argparse.Namespace) -> int:
         from megaflow.bench.kernels import main as bench_kernels
 
         return bench_kernels(args.rest)
+    if args.target == "algorithms":
+        from megaflow.bench.algorithms import main as bench_algorithms
+
+        return bench_algorithms(args.rest)
     raise MegaflowError(f"unknown benchmark '{args.target}'")
 
 
@@ -68,11 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", help="a checkpoints/iteration_NNNNNN directory (single-process or DeepSpeed)")
     export.add_argument("--output", required=True, help="folder for pytorch_lora_weights.safetensors or transformer/")
     export.add_argument("--config", help="the run's config.yaml (default: the one next to checkpoints/)")
+    export.add_argument("--no-ema", action="store_true",
+                        help="export the raw trained weights even when the checkpoint has an EMA of them (default: "
+                             "the EMA when present)")
     export.set_defaults(func=_export)
 
     bench = sub.add_parser("bench", help="run a benchmark")
-    bench.add_argument("target", choices=["kernels"], help="what to benchmark")
-    bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (see `megaflow bench kernels -h`)")
+    bench.add_argument("target", choices=["kernels", "algorithms"], help="what to benchmark")
+    bench.add_argument("rest", nargs=argparse.REMAINDER,
+                       help="options of the benchmark (see `megaflow bench kernels -h`, `megaflow bench algorithms -h`)")
     bench.set_defaults(func=_bench)
 
     from megaflow.demo.cli import add_demo_commands

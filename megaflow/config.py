@@ -72,13 +72,15 @@ class RolloutConfig:
     chunk_size: int = 4  #: samples denoised together (memory / throughput)
     share_noise: bool = True  #: one initial noise per group
     gather_weights: bool = False  #: ZeRO-3: gather the full transformer once per rollout instead of per layer and step
+    best_of: int | None = None  #: keep the top n/2 and bottom n/2 samples of each group by advantage (DanceGRPO video); None: all
+    best_of_renormalize: bool = False  #: recompute the kept samples' advantages among themselves
 
 
 @dataclass
 class AlgorithmConfig:
     """The GRPO variant and its hyper-parameters (ALGORITHMS.md)."""
 
-    name: str = "flow_grpo"  #: flow_grpo | dance_grpo
+    name: str = "flow_grpo"  #: flow_grpo | dance_grpo | flow_grpo_fast | mix_grpo | mix_grpo_flash | g2rpo
     noise_level: float | None = None  #: SDE noise (a or eta); None: the algorithm's default
     timestep_fraction: float | None = None  #: fraction of steps trained; None: the algorithm's default
     clip_range: float = 1e-4
@@ -88,6 +90,18 @@ class AlgorithmConfig:
     kl_beta: float = 0.0  #: weight of the KL to the reference policy
     drop_zero_std_groups: bool = False  #: give groups whose rewards are all equal zero weight
     reward_aggregation: str = "reward_aggr"  #: reward_aggr | advantage_aggr
+    sde_kind: str | None = None  #: flow_grpo | dance | cps; None: the algorithm's own kind
+    noise_schedule: str = "sqrt_ratio"  #: flow_grpo noise: sqrt_ratio (a·sqrt(σ/(1−σ))) | linear (Flow-GRPO's Wan step)
+    loss: str = "clipped"  #: clipped (the PPO/GRPO surrogate) | grpo_guard (RatioNorm + 1/|dt| reweight)
+    sde_window_size: int | None = None  #: flow_grpo_fast: SDE steps per iteration (default 2)
+    sde_window_range: list[int] | None = None  #: flow_grpo_fast: [lo, hi) of the window's steps (default [0, N/2])
+    window_size: int | None = None  #: mix_grpo(_flash): SDE steps in the sliding window (default 4)
+    window_stride: int | None = None  #: mix_grpo(_flash): steps the window moves (default 1)
+    window_shift_interval: int | None = None  #: mix_grpo(_flash): iterations between moves, τ (default 25)
+    window_strategy: str | None = None  #: mix_grpo(_flash): progressive | random | frozen | decay (default progressive)
+    flash_compression: float | None = None  #: mix_grpo_flash: share r of the steps after the window kept (default 0.4)
+    branch_steps: list[int] | None = None  #: g2rpo: steps k of the ODE anchor that branch (default 0..min(7, N−2))
+    granularities: list[int] | None = None  #: g2rpo: ODE strides λ each branch is finished with (default [1, 2])
 
 
 @dataclass
@@ -116,6 +130,8 @@ class TrainConfig:
     sample_every: int = 1  #: log sample videos every k iterations (0: never)
     keep_checkpoints: int = 3  #: keep the newest k complete checkpoints (0: keep all)
     grad_checkpointing: float = 0.0  #: fraction of transformer blocks with activation checkpointing (0..1)
+    ema_decay: float | None = None  #: EMA of the trainable weights, used by eval and export; None: no EMA
+    ema_every: int = 1  #: optimizer steps between EMA updates
 
 
 @dataclass
@@ -155,7 +171,11 @@ class Config:
 
     @property
     def samples_per_iteration(self) -> int:
-        return self.data.prompts_per_iteration * self.rollout.group_size
+        """Trained samples per iteration: prompts × group size × the algorithm's groups per prompt
+        (G²RPO: one group per branch step)."""
+        from megaflow.algorithms.registry import groups_per_prompt
+
+        return self.data.prompts_per_iteration * self.rollout.group_size * groups_per_prompt(self)
 
 
 # ---- type coercion ---------------------------------------------------------------------
@@ -327,18 +347,35 @@ def resolve_recipe(name_or_path: str) -> Path:
     raise ConfigError(f"no built-in recipe named '{name_or_path}' and no such file.{hint} Built-in recipes: {', '.join(builtin_recipes())}")
 
 
+def _recipe_chain(name_or_path: str, seen: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """A recipe's mappings, its `base:` recipe's first (a recipe states only what differs from its base)."""
+    path = resolve_recipe(name_or_path)
+    if str(path.resolve()) in seen:
+        raise ConfigError(f"recipe '{path}' is its own base (through {' -> '.join(seen)}); remove the cycle")
+    try:
+        mapping = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from e
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of config keys at the top level")
+    base = mapping.pop("base", None)
+    if base is None:
+        return [mapping]
+    if not isinstance(base, str):
+        raise ConfigError(f"'base' in '{path}' names a recipe (built-in name or YAML path), got {base!r}")
+    if not Path(base).suffix and not (RECIPES_DIR / f"{base}.yaml").is_file():
+        sibling = path.parent / f"{base}.yaml"
+        base = str(sibling) if sibling.is_file() else base
+    return _recipe_chain(base, seen + (str(path.resolve()),)) + [mapping]
+
+
 def load_config(name_or_path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults, then the recipe (if any), then each `key=value` override in order."""
+    """Defaults, then the recipe (if any; after the recipe named by its `base:` key), then each
+    `key=value` override in order."""
     cfg = Config()
     if name_or_path is not None:
-        path = resolve_recipe(name_or_path)
-        try:
-            mapping = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from e
-        if not isinstance(mapping, dict):
-            raise ConfigError(f"config file '{path}' must hold a mapping of config keys at the top level")
-        _apply_mapping(cfg, mapping)
+        for mapping in _recipe_chain(name_or_path):
+            _apply_mapping(cfg, mapping)
     for assignment in overrides:
         apply_override(cfg, assignment)
     return cfg
@@ -412,6 +449,7 @@ def validate_config(cfg: Config) -> None:
         bad(f"algorithm.clip_range must be > 0, got {cfg.algorithm.clip_range}")
     if cfg.algorithm.kl_beta < 0:
         bad(f"algorithm.kl_beta must be >= 0, got {cfg.algorithm.kl_beta}")
+    _validate_algorithm(cfg)
     validate_parallel(cfg)
     if not cfg.data.prompt_file and not [p for p in cfg.data.prompts if p.strip()]:
         bad("no prompts: set data.prompt_file to a text file with one prompt per line, or list data.prompts")
@@ -424,6 +462,48 @@ def validate_config(cfg: Config) -> None:
                 "model.lora matches the run they came from")
     if cfg.model.lora and cfg.model.lora_rank < 1:
         bad(f"model.lora_rank must be >= 1, got {cfg.model.lora_rank}")
+
+
+def _validate_algorithm(cfg: Config) -> None:
+    """The algorithm's options, its step kind and loss, best-of-n and EMA."""
+    from megaflow.algorithms.losses import LOSSES
+    from megaflow.algorithms.registry import KIND_NOISE, check_algorithm
+
+    a, r, t = cfg.algorithm, cfg.rollout, cfg.train
+
+    def bad(msg: str) -> None:
+        raise ConfigError(msg)
+
+    def choose(key: str, value: str, choices: Any) -> None:
+        if value not in choices:
+            close = difflib.get_close_matches(value, list(choices), n=1)
+            bad(f"{key} '{value}' is not one of {', '.join(choices)}" + (f"; did you mean '{close[0]}'?" if close else ""))
+
+    if a.sde_kind is not None:
+        choose("algorithm.sde_kind", a.sde_kind, KIND_NOISE)
+    choose("algorithm.noise_schedule", a.noise_schedule, NOISE_SCHEDULES)
+    choose("algorithm.loss", a.loss, LOSSES)
+    if a.noise_schedule == "linear":
+        from megaflow.algorithms.registry import ALGORITHMS
+
+        if (a.sde_kind or ALGORITHMS[a.name].sde_kind) != "flow_grpo":
+            bad("algorithm.noise_schedule=linear is Flow-GRPO's Wan step and needs the flow_grpo SDE kind; "
+                "set algorithm.sde_kind=flow_grpo or noise_schedule=sqrt_ratio")
+        if a.noise_level is not None:
+            bad("algorithm.noise_schedule=linear has no noise level (s = sigma_max * sigma); remove algorithm.noise_level")
+    check_algorithm(cfg)
+    if r.best_of is not None and (r.best_of < 2 or r.best_of % 2 or r.best_of > r.group_size):
+        bad(f"rollout.best_of={r.best_of} keeps the best n/2 and worst n/2 samples of each group: it must be even, "
+            f">= 2 and at most rollout.group_size={r.group_size}")
+    if r.best_of_renormalize and r.best_of is None:
+        bad("rollout.best_of_renormalize=true needs rollout.best_of")
+    if t.ema_decay is not None and not 0 < t.ema_decay < 1:
+        bad(f"train.ema_decay must be in (0, 1) (0.9-0.995 is usual), or null for no EMA; got {t.ema_decay}")
+    if t.ema_every < 1:
+        bad(f"train.ema_every must be >= 1, got {t.ema_every}")
+
+
+NOISE_SCHEDULES = ("sqrt_ratio", "linear")
 
 
 def validate_parallel(cfg: Config, world_size: int | None = None) -> None:

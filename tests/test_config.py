@@ -73,6 +73,21 @@ def test_missing_recipe_lists_builtins():
     (["parallel.sp_size=2"], "parallel.sp_size=2 runs under DeepSpeed"),
     (["data.prompts=[]"], "no prompts"),
     (["kernels.logprob=cuda"], "kernels.logprob must be one of"),
+    (["algorithm.window_size=2"], r"algorithm.window_size is an option of mix_grpo, mix_grpo_flash, not of "),
+    (["algorithm.name=mix_grpo", "algorithm.timestep_fraction=0.5"], "does not apply to mix_grpo"),
+    (["algorithm.name=mix_grpo", "algorithm.window_size=5"], "window_size <= num_steps - 2"),
+    (["algorithm.name=mix_grpo", "algorithm.window_strategy=progresive"], "window_strategy must be one of"),
+    (["algorithm.name=mix_grpo_flash", "algorithm.flash_compression=0"], "flash_compression must be in"),
+    (["algorithm.name=flow_grpo_fast", "algorithm.sde_window_range=[2,3]"], "inside"),
+    (["algorithm.name=g2rpo", "algorithm.branch_steps=[0,5]"], r"branch_steps must be distinct steps in 0..4"),
+    (["algorithm.name=g2rpo", "algorithm.granularities=[0]"], "granularities must be distinct strides"),
+    (["algorithm.sde_kind=ode"], "algorithm.sde_kind 'ode' is not one of"),
+    (["algorithm.loss=grpo_gaurd"], "did you mean 'grpo_guard'"),
+    (["algorithm.noise_schedule=linear", "algorithm.sde_kind=dance"], "needs the flow_grpo SDE kind"),
+    (["algorithm.noise_schedule=linear", "algorithm.noise_level=0.7"], "has no noise level"),
+    (["rollout.best_of=3"], "must be even"),
+    (["rollout.best_of_renormalize=true"], "needs rollout.best_of"),
+    (["train.ema_decay=1.0"], "train.ema_decay must be in"),
 ])
 def test_validation_errors(overrides, message):
     cfg = load_config("tiny", overrides)
@@ -84,3 +99,24 @@ def test_defaults_validate():
     cfg = Config()
     cfg.data.prompts = ["a cat"]
     validate_config(cfg)
+
+
+def test_every_builtin_recipe_validates():
+    for name in builtin_recipes():
+        validate_config(load_config(name))
+
+
+def test_a_recipe_states_only_what_differs_from_its_base(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("seed: 3\ntrain: {iterations: 7, lr: 0.5}\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("base: base\ntrain: {lr: 0.25}\n")
+    cfg = load_config(str(child))
+    assert (cfg.seed, cfg.train.iterations, cfg.train.lr) == (3, 7, 0.25)
+    flash = load_config("demo_mix_grpo_flash_star")  # three levels: demo → demo_mix_grpo → … → flash*
+    assert (flash.algorithm.name, flash.algorithm.window_strategy, flash.algorithm.flash_compression,
+            flash.algorithm.window_size, flash.data.prompts) == ("mix_grpo_flash", "frozen", 0.2, 3,
+                                                                  load_config("demo").data.prompts)
+    (tmp_path / "loop.yaml").write_text("base: loop\n")
+    with pytest.raises(ConfigError, match="its own base"):
+        load_config(str(tmp_path / "loop.yaml"))

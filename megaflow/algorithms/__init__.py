@@ -6,10 +6,10 @@ from megaflow.algorithms.advantages import (
     group_zscore,
     zero_std_groups,
 )
-from megaflow.algorithms.losses import clipped_surrogate
+from megaflow.algorithms.losses import LOSSES, StepTerms, clipped_surrogate
 from megaflow.algorithms.registry import ALGORITHMS, Algorithm, get_algorithm
 
 __all__ = [
-    "AGGREGATIONS", "ALGORITHMS", "Advantages", "Algorithm", "clipped_surrogate",
+    "AGGREGATIONS", "ALGORITHMS", "LOSSES", "Advantages", "Algorithm", "StepTerms", "clipped_surrogate",
     "compute_advantages", "get_algorithm", "group_zscore", "zero_std_groups",
 ]

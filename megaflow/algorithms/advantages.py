@@ -83,18 +83,47 @@ class Advantages:
 def compute_advantages(components: dict[str, torch.Tensor], weights: dict[str, float],
                        groups: torch.Tensor, *, aggregation: str = "reward_aggr", eps: float = 1e-6,
                        global_std: bool = False, clip_max: float = 5.0,
-                       drop_zero_std: bool = False) -> Advantages:
+                       drop_zero_std: bool = False, keep: torch.Tensor | None = None) -> Advantages:
     """Aggregate reward components into clipped advantages (ALGORITHMS.md §4).
 
-    A group whose aggregated reward is constant counts as zero-variance; with `drop_zero_std`
-    its samples get loss weight 0.
+    Components are `[N]`, or `[N, V]` when each sample is scored V times (G²RPO's granularities):
+    the advantage is then the sum over the V columns of each column's aggregate, clipped after
+    the sum. A group whose total reward is constant counts as zero-variance; with `drop_zero_std`
+    its samples get loss weight 0. `keep` (bool `[N]`): only these samples are normalised
+    together and trained (best-of-n after renormalising); the others get advantage and weight 0.
     """
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"unknown reward aggregation {aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
-    adv = AGGREGATIONS[aggregation](components, weights, groups, eps=eps, global_std=global_std)
+    cols = {name: (c if c.dim() == 2 else c[:, None]).float() for name, c in components.items()}
+    n = groups.shape[0]
+    keep = torch.ones(n, dtype=torch.bool) if keep is None else keep
+    idx = keep.nonzero().flatten()
+    kept_groups = groups[idx]
+    adv = torch.zeros(n)
+    num_cols = next(iter(cols.values())).shape[1]
+    adv[idx] = sum(AGGREGATIONS[aggregation]({k: c[idx, v] for k, c in cols.items()}, weights, kept_groups,
+                                             eps=eps, global_std=global_std) for v in range(num_cols))
     adv = adv.clamp(-clip_max, clip_max)
-    total = sum(weights[name] * components[name].float() for name in components)
-    flat = zero_std_groups(total, groups)
-    n_flat = int(torch.unique(groups[flat]).numel())
-    sample_weights = (~flat).float() if drop_zero_std else torch.ones_like(adv)
+    total = sum(weights[name] * c.sum(1) for name, c in cols.items())
+    flat = zero_std_groups(total[idx], kept_groups)
+    n_flat = int(torch.unique(kept_groups[flat]).numel())
+    sample_weights = keep.float()
+    if drop_zero_std:
+        sample_weights[idx[flat]] = 0.0
     return Advantages(values=adv, weights=sample_weights, zero_std_groups=n_flat)
+
+
+def best_of(advantages: torch.Tensor, groups: torch.Tensor, n: int) -> torch.Tensor:
+    """DanceGRPO's best-of-n: bool `[N]`, the top n/2 and bottom n/2 samples of each group by
+    advantage (ties broken by position)."""
+    if n < 2 or n % 2:
+        raise ValueError(f"best-of-n keeps n/2 best and n/2 worst samples; n must be even and >= 2, got {n}")
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    for g in torch.unique(groups):
+        members = (groups == g).nonzero().flatten()
+        if members.numel() < n:
+            raise ValueError(f"best-of-{n} needs groups of at least {n} samples, got {members.numel()}")
+        order = members[torch.argsort(advantages[members], stable=True)]
+        keep[order[: n // 2]] = True
+        keep[order[-(n // 2):]] = True
+    return keep

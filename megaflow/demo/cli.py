@@ -41,7 +41,7 @@ def _eval(args: argparse.Namespace) -> int:
     prompts = eval_prompts(cfg, args.prompts)
     t0 = time.perf_counter()
     reports = evaluate(cfg, args.checkpoint, prompt_file=args.prompts, samples=args.samples, seed=args.seed,
-                       show_progress=not args.no_progress)
+                       show_progress=not args.no_progress, ema=not args.no_ema)
     seconds = time.perf_counter() - t0
     print(format_table(reports, len(prompts), args.samples))
     out_dir = Path(cfg.output_dir) / "eval"
@@ -50,6 +50,11 @@ def _eval(args: argparse.Namespace) -> int:
              "seed": args.seed, "seconds": round(seconds, 1)}
     path = write_json(reports, args.json or out_dir / "eval.json", **extra)
     print(json.dumps({**extra, "results": [r.to_dict() for r in reports]}))
+    if args.checkpoint is not None:
+        from megaflow.demo.evaluate import find_checkpoint
+        from megaflow.trainer.ema import describe_weights
+
+        print(f"trained model: {describe_weights(find_checkpoint(args.checkpoint), not args.no_ema)}")
     print(f"frames: {image}; scores: {path}")
     return 0
 
@@ -78,5 +83,7 @@ def add_demo_commands(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--seed", type=int, default=1234, help="seed of the initial noise (default 1234)")
     ev.add_argument("--json", help="where to write the scores (default OUTPUT_DIR/eval/eval.json)")
     ev.add_argument("--image", help="where to write the side-by-side frames (default OUTPUT_DIR/eval/base_vs_trained.png)")
+    ev.add_argument("--no-ema", action="store_true", help="evaluate the checkpoint's raw trained weights even when it "
+                                                           "has an EMA of them (default: the EMA when present)")
     ev.add_argument("--no-progress", action="store_true", help="hide progress bars")
     ev.set_defaults(func=_eval)

@@ -1,6 +1,10 @@
 """`megaflow eval`: score a model (base, or base + a training checkpoint) on evaluation prompts
 with deterministic ODE sampling, and draw base-vs-trained frames side by side.
 
+A checkpoint's EMA of the trainable weights (`train.ema_decay`) is evaluated by default when it has
+one (`load_model(..., ema=False)`, `megaflow eval --no-ema`: the raw trained weights); the report
+records which (`weights`).
+
 Sampling reuses the adapter (`encode_prompts`, `velocity`, `decode`) and `megaflow.sampling`
 (Euler `ode` steps on the recipe's grid). The initial noise of prompt p, sample k is a function
 of `(seed, p, k)` only, so the base and the trained model start from the same noise.
@@ -8,6 +12,7 @@ of `(seed, p, k)` only, so the base and the trained model start from the same no
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,6 +27,7 @@ from megaflow.monitor.progress import progress
 from megaflow.rewards import RewardSet
 from megaflow.sampling import flow_sigmas, step
 from megaflow.seeds import generator
+from megaflow.trainer.ema import read_ema, weights_used
 from megaflow.trainer.state import COMPLETE_MARKER, complete_checkpoints
 
 #: Files that mark a training checkpoint (see `megaflow.trainer.state`).
@@ -36,10 +42,11 @@ class EvalReport:
     components: dict[str, float]
     per_prompt: dict[str, float]
     videos: torch.Tensor = field(repr=False)  #: [P·S, F, 3, H, W] in [0, 1], prompt-major
+    weights: str = "base"  #: "base", or a checkpoint's "ema" or raw "trained" weights
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready scores (no videos)."""
-        return {"model": self.label, "overall": self.overall, "components": self.components,
+        return {"model": self.label, "weights": self.weights, "overall": self.overall, "components": self.components,
                 "per_prompt": self.per_prompt}
 
 
@@ -58,8 +65,9 @@ def find_checkpoint(path: str | Path) -> Path:
     return found[-1]
 
 
-def load_model(cfg: Config, checkpoint: Path | None, device: torch.device) -> ModelAdapter:
-    """The recipe's base model in fp32, with the checkpoint's LoRA or full transformer if given."""
+def load_model(cfg: Config, checkpoint: Path | None, device: torch.device, *, ema: bool = True) -> ModelAdapter:
+    """The recipe's base model in fp32, with the checkpoint's LoRA or full transformer if given:
+    its EMA weights when it has them and `ema`, else the trained ones (`weights_used`)."""
     adapter = get_adapter(cfg.model.family).from_pretrained(
         resolve_model_path(cfg.model.path, cfg.model.family), dtype=torch.float32, device=device)
     if checkpoint is None:
@@ -67,9 +75,34 @@ def load_model(cfg: Config, checkpoint: Path | None, device: torch.device) -> Mo
     info = json.loads((checkpoint / COMPLETE_MARKER).read_text())
     try:
         adapter.load_trainable(checkpoint, lora=info.get("lora", True))
+        if weights_used(checkpoint, ema) == "ema":
+            _load_ema(adapter.transformer, checkpoint)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ModelLoadError(f"cannot load checkpoint {checkpoint} into {cfg.model.path}: {e}") from e
     return adapter
+
+
+#: A peft adapter's name inside a LoRA parameter name (`...lora_A.<adapter>.weight`): training names
+#: it "default", `load_lora_adapter` "default_0"; dropped so the two name sets match.
+_ADAPTER_NAME = re.compile(r"(\.lora_(?:A|B|embedding_A|embedding_B|magnitude_vector))\.[^.]+(?=\.|$)")
+
+
+def _load_ema(transformer: torch.nn.Module, checkpoint: Path) -> None:
+    """Copy the checkpoint's EMA (whole tensors, assembled from ZeRO-3 shards if need be) into the
+    parameters it follows, matched by name (LoRA names without the adapter's name)."""
+    named = {_ADAPTER_NAME.sub(r"\1", n): p for n, p in transformer.named_parameters()}
+    averaged = {_ADAPTER_NAME.sub(r"\1", n): read for n, read in read_ema(checkpoint).items()}
+    unknown = [n for n in averaged if n not in named]
+    if unknown:
+        raise KeyError(f"its EMA follows parameters the model does not have ({', '.join(unknown[:3])}); "
+                       "evaluate the raw weights with --no-ema")
+    with torch.no_grad():
+        for name, read in averaged.items():
+            tensor = read()
+            if tensor.shape != named[name].shape:
+                raise ValueError(f"its EMA tensor {name} has shape {tuple(tensor.shape)}, the model's "
+                                 f"{tuple(named[name].shape)}")
+            named[name].copy_(tensor.to(named[name].dtype))
 
 
 @torch.no_grad()
@@ -139,16 +172,20 @@ def eval_prompts(cfg: Config, prompt_file: str | None = None) -> list[str]:
 
 
 def evaluate(cfg: Config, checkpoint: str | Path | None = None, *, prompt_file: str | None = None, samples: int = 4,
-             seed: int = 1234, show_progress: bool = True) -> list[EvalReport]:
-    """Evaluate the base model, and the trained one when `checkpoint` is given: `[base, trained?]`."""
+             seed: int = 1234, show_progress: bool = True, ema: bool = True) -> list[EvalReport]:
+    """Evaluate the base model, and the trained one when `checkpoint` is given: `[base, trained?]`;
+    the trained report's `weights` says whether the checkpoint's EMA ("ema", the default when it
+    has one and `ema`) or its raw weights ("trained") were evaluated."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ckpt = find_checkpoint(checkpoint) if checkpoint is not None else None
     prompts = eval_prompts(cfg, prompt_file)
     reports = []
     for label, path in [("base", None)] + ([("trained", ckpt)] if ckpt is not None else []):
-        adapter = load_model(cfg, path, device)
+        adapter = load_model(cfg, path, device, ema=ema)
         videos = sample_videos(adapter, cfg, prompts, samples, seed, show_progress=show_progress, desc=f"eval {label}")
-        reports.append(score_videos(cfg, videos, prompts, samples, label))
+        report = score_videos(cfg, videos, prompts, samples, label)
+        report.weights = "base" if path is None else weights_used(path, ema)
+        reports.append(report)
     return reports
 
 
@@ -156,7 +193,8 @@ def format_table(reports: Sequence[EvalReport], prompts: int, samples: int) -> s
     """A plain-text table: one row per score (overall, then components), one column per model."""
     names = ["overall"] + list(reports[0].components)
     width = max(len(n) for n in names) + 2
-    lines = [f"{prompts} prompts × {samples} samples, ODE sampling",
+    used = [f"{r.label}: {r.weights} weights" for r in reports if r.weights != "base"]
+    lines = [f"{prompts} prompts × {samples} samples, ODE sampling" + (f" ({'; '.join(used)})" if used else ""),
              "".ljust(width) + "".join(r.label.rjust(10) for r in reports)]
     for n in names:
         vals = [r.overall if n == "overall" else r.components[n] for r in reports]
@@ -178,7 +216,8 @@ def save_comparison(reports: Sequence[EvalReport], prompts: Sequence[str], sampl
     draw = ImageDraw.Draw(img)
     for m, report in enumerate(reports):
         x0 = label_w + m * (block_w + gap)
-        draw.text((x0, 4), f"{report.label} (frames {frames[0]}..{frames[-1]})", fill=(0, 0, 0))
+        which = "" if report.weights in ("base", report.label) else f" [{report.weights}]"
+        draw.text((x0, 4), f"{report.label}{which} (frames {frames[0]}..{frames[-1]})", fill=(0, 0, 0))
         for r in range(rows):
             video = report.videos[r * samples]
             for j, f in enumerate(frames):

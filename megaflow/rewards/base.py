@@ -224,7 +224,7 @@ class RewardSet:
         return out
 
     def weighted_sum(self, scores: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Sum of `weights[name] * scores[name]` over the components: float32 `[B]`."""
+        """Sum of `weights[name] * scores[name]` over the components: float32 `[B]` (or `[B, V]`)."""
         missing = sorted(set(self.weights) - set(scores))
         extra = sorted(set(scores) - set(self.weights))
         if missing or extra:
@@ -235,10 +235,10 @@ class RewardSet:
         total: torch.Tensor | None = None
         for name, weight in self.weights.items():
             s = scores[name].to(torch.float32)
-            if s.dim() != 1 or (total is not None and s.shape != total.shape):
+            if s.dim() not in (1, 2) or (total is not None and s.shape != total.shape):
                 raise RewardError(
                     f"scores of reward {name!r} have shape {list(s.shape)}; "
-                    "all components need the same shape [B]"
+                    "all components need the same shape [B] (or [B, V], V scores per sample)"
                 )
             term = weight * s
             total = term if total is None else total + term

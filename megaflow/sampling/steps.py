@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-SDE_KINDS = ("flow_grpo", "dance", "cps")
+SDE_KINDS = ("flow_grpo", "flow_grpo_linear", "dance", "cps")
 STEP_KINDS = ("ode",) + SDE_KINDS
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -50,7 +50,9 @@ def step_coefficients(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`(a, b, std)`, each float32 `[B]`, such that the step mean is `μ = a·x + b·v`.
 
-    `sigma_max` (flow_grpo only) is the grid's σ_1, used in place of σ in `σ/(1−σ)` at σ = 1.
+    `sigma_max` is the grid's σ_1: flow_grpo uses it in place of σ in `σ/(1−σ)` at σ = 1;
+    `flow_grpo_linear` (Flow-GRPO's Wan step) has the same mean with `s = σ_max·σ` (noise linear
+    in σ, the grid ending at σ_min = 0) and no noise level.
     """
     if kind not in STEP_KINDS:
         raise ValueError(f"unknown step kind {kind!r}; choose one of {', '.join(STEP_KINDS)}")
@@ -64,8 +66,12 @@ def step_coefficients(
         return torch.ones_like(s), dt, torch.zeros_like(s)
     if noise_level < 0:
         raise ValueError(f"noise_level must be >= 0, got {noise_level}")
-    if kind in ("flow_grpo", "dance"):
-        if kind == "flow_grpo":
+    if kind in ("flow_grpo", "flow_grpo_linear", "dance"):
+        if kind == "flow_grpo_linear":
+            if sigma_max is None:
+                raise ValueError("flow_grpo_linear needs sigma_max (the grid's sigma_1): s = sigma_max * sigma")
+            var_coef = (_as_batch(sigma_max, batch, device) * s) ** 2
+        elif kind == "flow_grpo":
             at_one = s >= 1.0
             if bool(at_one.any()):
                 if sigma_max is None:

@@ -2,9 +2,14 @@
 checkpoint, including a DeepSpeed ZeRO-2/3 checkpoint whose weights are sharded over ranks.
 
 A full fine-tune is streamed tensor by tensor from the shards (memory-mapped) into safetensors
-files, so exporting a 14B transformer needs about one tensor of memory, not the whole model."""
+files, so exporting a 14B transformer needs about one tensor of memory, not the whole model.
+
+When the checkpoint holds an EMA of the trainable weights (`train.ema_decay`), the EMA is exported
+by default (`ema=False`, `megaflow export --no-ema`: the raw trained weights); a ZeRO-3 run's EMA
+shards are assembled one tensor at a time as well (`megaflow.trainer.ema.read_ema`)."""
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -13,10 +18,27 @@ import torch
 
 from megaflow.config import load_config
 from megaflow.errors import ConfigError
+from megaflow.trainer.ema import describe_weights, read_ema, weights_used
 from megaflow.trainer.state import ENGINE_TAG, checkpoint_meta, find_resumable
 
 #: Parameter name → a function that reads that parameter (fp32, whole).
 LazyState = dict[str, Callable[[], torch.Tensor]]
+
+log = logging.getLogger("megaflow")
+
+
+def checkpoint_state(checkpoint: Path, ema: bool = True) -> LazyState:
+    """`consolidated_state`, with the EMA's tensors in place of the trained ones when `ema` and the
+    checkpoint has an EMA (parameters the EMA does not follow keep their trained values)."""
+    state = consolidated_state(checkpoint)
+    if weights_used(checkpoint, ema) != "ema":
+        return state
+    averaged = read_ema(checkpoint)
+    unknown = [k for k in averaged if k not in state]
+    if unknown:
+        raise ConfigError(f"the EMA of checkpoint {checkpoint} follows parameters its trained weights do not have "
+                          f"({', '.join(unknown[:3])}); export the raw weights with --no-ema")
+    return {**state, **averaged}
 
 
 def consolidated_state(checkpoint: Path) -> LazyState:
@@ -58,10 +80,12 @@ def _export_full(checkpoint: Path, state: LazyState, base_transformer: Path, out
     write_safetensors_folder(folder, specs, ((name, state[name]().float()) for name in specs))
 
 
-def export_checkpoint(checkpoint: str | Path, output: str | Path, config: str | Path | None = None) -> Path:
+def export_checkpoint(checkpoint: str | Path, output: str | Path, config: str | Path | None = None, *,
+                      ema: bool = True) -> Path:
     """Write `output/pytorch_lora_weights.safetensors` (LoRA) or `output/transformer/` (full
     fine-tune) from `checkpoint`; the run's `config.yaml` (two levels up, or `config`) names the
-    base model. Runs in one process on CPU."""
+    base model. The checkpoint's EMA weights when it has them and `ema` (see `weights_used`),
+    else the trained ones. Runs in one process on CPU."""
     from megaflow.models import resolve_model_path
     from megaflow.trainer.loop import load_adapter
 
@@ -72,7 +96,8 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, config: str | 
     cfg = load_config(str(config), ["parallel.zero_stage=0", "parallel.sp_size=1", "rollout.gather_weights=false",
                                     "parallel.offload=false", "parallel.hpz_partition_size=1", "parallel.ds_config=null",
                                     "model.init_weights=null", "algorithm.kl_beta=0"])
-    state = consolidated_state(checkpoint)
+    state = checkpoint_state(checkpoint, ema)
+    log.info("exporting %s of %s", describe_weights(checkpoint, ema), checkpoint)
     output = Path(output)
     if not checkpoint_meta(checkpoint).get("lora"):
         _export_full(checkpoint, state, resolve_model_path(cfg.model.path, cfg.model.family) / "transformer", output)

@@ -11,8 +11,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megaflow.algorithms.advantages import compute_advantages
-from megaflow.algorithms.registry import get_algorithm
+from megaflow.algorithms.advantages import Advantages, best_of, compute_advantages
+from megaflow.algorithms.losses import LOSSES
+from megaflow.algorithms.registry import (
+    PlanContext,
+    get_algorithm,
+    group_ids,
+    resolved_noise_level,
+    resolved_sde_kind,
+)
 from megaflow.config import Config, save_config, validate_config, validate_parallel
 from megaflow.data.prompts import PromptSet
 from megaflow.errors import ConfigError, RewardError
@@ -27,10 +34,17 @@ from megaflow.parallel.topology import init_topology, launched_world_size
 from megaflow.sampling.plans import StepPlan
 from megaflow.sampling.schedule import flow_sigmas
 from megaflow.seeds import derive_seed
-from megaflow.trainer.rollout import run_rollout
+from megaflow.trainer.rollout import run_program
 from megaflow.trainer.settings import SamplerSettings
 from megaflow.trainer.preemption import StopRequest
-from megaflow.trainer.state import check_resumable, find_resumable, load_checkpoint, save_checkpoint
+from megaflow.trainer.ema import EMA
+from megaflow.trainer.state import (
+    check_resumable,
+    find_resumable,
+    load_checkpoint,
+    read_trainer_state,
+    save_checkpoint,
+)
 from megaflow.trainer.update import DistributedUpdate, UpdateSettings, local_sample_indices, policy_update
 
 log = logging.getLogger("megaflow")
@@ -103,7 +117,7 @@ class Trainer:
         resume_from = find_resumable(self.output_dir, resume, warn=self.topo.is_main) if resume else None
         if resume_from is not None:
             check_resumable(resume_from, family=cfg.model.family, lora=cfg.model.lora, zero_stage=p.zero_stage,
-                            world_size=self.topo.world_size, sp_size=p.sp_size)
+                            world_size=self.topo.world_size, sp_size=p.sp_size, ema=cfg.train.ema_decay is not None)
         self.algorithm = get_algorithm(cfg.algorithm.name)
         self.rewards = RewardSet(cfg.reward.components, cfg.reward.options)
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -113,8 +127,8 @@ class Trainer:
                        else torch.device("cpu"))
         a = cfg.algorithm
         self.fraction = a.timestep_fraction or self.algorithm.timestep_fraction
-        steps_per_sample = self.algorithm.build_plan(cfg.sampling.num_steps, self.fraction, sample_keys=[(0, 0)],
-                                                     seed=cfg.seed, iteration=0).steps_per_sample
+        self.algorithm_state = self.algorithm.initial_state()
+        steps_per_sample = self.plan(0, [(0, 0)]).steps_per_sample
         num_micro = cfg.samples_per_iteration // cfg.train.micro_batch_size
         window = num_micro if cfg.train.grad_accum is None else cfg.train.grad_accum
         self.engine = None
@@ -128,11 +142,16 @@ class Trainer:
                 loader = zero3_transformer_loader(self.ds_config)
         self.adapter = load_adapter(cfg, self.device, loader)
         self._build_parallel(loader, adamw if p.zero_stage > 0 else None)
+        self.ema = None
+        if cfg.train.ema_decay is not None:
+            trainable = [(n, q) for n, q in self.adapter.transformer.named_parameters() if q.requires_grad]
+            self.ema = EMA(trainable, decay=cfg.train.ema_decay, every=cfg.train.ema_every, zero_stage=p.zero_stage)
+        self.optimizer_steps = 0
         self.latent_shape = self.adapter.latent_shape(cfg.video.frames, cfg.video.height, cfg.video.width)
         self.settings = SamplerSettings(
             sigmas=flow_sigmas(cfg.sampling.num_steps, cfg.sampling.shift),
-            sde_kind=self.algorithm.sde_kind,
-            noise_level=a.noise_level if a.noise_level is not None else self.algorithm.noise_level,
+            sde_kind=resolved_sde_kind(cfg),
+            noise_level=resolved_noise_level(cfg),
             guidance_scale=cfg.sampling.guidance_scale,
             precision=cfg.train.precision,
             logprob_backend=cfg.kernels.logprob,
@@ -140,13 +159,16 @@ class Trainer:
         )
         self.update_settings = UpdateSettings(
             clip_range=a.clip_range, kl_beta=a.kl_beta, micro_batch_size=cfg.train.micro_batch_size,
-            grad_accum=cfg.train.grad_accum, grad_clip=cfg.train.grad_clip)
+            grad_accum=cfg.train.grad_accum, grad_clip=cfg.train.grad_clip, loss=a.loss)
         self.use_cfg = cfg.sampling.guidance_scale > 1.0
         self.negative = self.adapter.encode_prompts([cfg.data.negative_prompt]) if self.use_cfg else None
         self.start_iteration = 0
         if resume_from is not None:
             self.start_iteration = load_checkpoint(resume_from, self.adapter, optimizer=self.optimizer,
-                                                   engine=self.engine, topo=self.topo)
+                                                   engine=self.engine, topo=self.topo, ema=self.ema)
+            state = read_trainer_state(resume_from)
+            self.algorithm_state = state.get("algorithm", self.algorithm_state)
+            self.optimizer_steps = int(state.get("optimizer_steps", 0))
             log.info("resumed from %s at iteration %d", resume_from, self.start_iteration)
         elif resume and self.topo.is_main:
             log.info("--resume %s: no complete checkpoint under %s; starting from iteration 0", resume,
@@ -196,53 +218,73 @@ class Trainer:
         v = self.cfg.video
         return torch.stack([load_image(str(self.prompts.images[idx]), v.height, v.width) for idx, _ in batch])
 
-    def conditioning(self, texts: list[str], images: torch.Tensor | None, group_size: int) -> Conditioning:
-        """The iteration's conditioning repeated per sample (`[P·G, ...]`): each prompt's text branch
-        and, for I2V, its image encoded once; the negative prompt's own branch for CFG."""
-        text = self.adapter.encode_prompts(texts).repeat_interleave(group_size)
+    def conditioning(self, texts: list[str], images: torch.Tensor | None) -> Conditioning:
+        """Each prompt's conditioning `[P, ...]`: its text branch and, for I2V, its image encoded once;
+        the negative prompt's own branch for CFG. A sample's is its prompt's row."""
+        text = self.adapter.encode_prompts(texts)
         negative = None if self.negative is None else self.negative.expand(len(text))
         extra = {}
         if self.adapter.needs_image:
-            encoded = self.adapter.image_conditioning(images.to(self.device), self.latent_shape)
-            extra = {k: t.repeat_interleave(group_size, dim=0) for k, t in encoded.items()}
+            extra = self.adapter.image_conditioning(images.to(self.device), self.latent_shape)
         return Conditioning(text=text, negative=negative, extra=extra)
 
+    def plan(self, iteration: int, keys: list[tuple[int, int]]) -> StepPlan:
+        """The algorithm's plan of `iteration` for `keys`, from its current state."""
+        cfg = self.cfg
+        ctx = PlanContext(num_steps=cfg.sampling.num_steps, shift=cfg.sampling.shift, fraction=self.fraction,
+                          options=cfg.algorithm, sample_keys=keys, group_size=cfg.rollout.group_size, seed=cfg.seed,
+                          iteration=iteration)
+        return self.algorithm.build_plan(ctx, self.algorithm_state)
+
     def _gather_rewards(self, local_idx: list[int], local: dict[str, torch.Tensor] | None,
-                        n: int) -> dict[str, torch.Tensor]:
-        """Every sample's reward components `[n]`, in global order, on every rank (each SP group's
-        first rank contributes the scores of its samples)."""
+                        n: int, columns: int) -> dict[str, torch.Tensor]:
+        """Every sample's reward components `[n, columns]`, in global order, on every rank (each SP
+        group's first rank contributes the scores of its samples)."""
         parts = [(local_idx, local)]
         if self.topo.distributed:
             parts = [None] * self.topo.world_size
             dist.all_gather_object(parts, (local_idx, local))
-        full = {name: torch.empty(n) for name in self.rewards.weights}
+        full = {name: torch.empty(n, columns) for name in self.rewards.weights}
         for idx, comps in parts:
             if comps is not None:
                 for name, values in comps.items():
                     full[name][torch.tensor(idx, dtype=torch.long)] = values.float()
         return full
 
+    def advantages(self, components: dict[str, torch.Tensor], groups: torch.Tensor) -> Advantages:
+        """Group advantages of the iteration, then best-of-n selection if asked (`rollout.best_of`)."""
+        a, r = self.cfg.algorithm, self.cfg.rollout
+        common = dict(aggregation=a.reward_aggregation, eps=a.adv_eps, global_std=a.global_std,
+                      clip_max=a.adv_clip_max, drop_zero_std=a.drop_zero_std_groups)
+        adv = compute_advantages(components, self.rewards.weights, groups, **common)
+        if r.best_of is None:
+            return adv
+        keep = best_of(adv.values, groups, r.best_of)
+        if r.best_of_renormalize:
+            return compute_advantages(components, self.rewards.weights, groups, keep=keep, **common)
+        return Advantages(values=adv.values * keep, weights=adv.weights * keep, zero_std_groups=adv.zero_std_groups)
+
     def run_iteration(self, iteration: int) -> dict[str, float]:
         """One iteration end to end; returns its metrics (written to TensorBoard/jsonl by rank 0)."""
         cfg, topo = self.cfg, self.topo
         t_start = time.perf_counter()
-        group_size = cfg.rollout.group_size
         batch = self.prompts.batch(iteration, cfg.data.prompts_per_iteration)
         texts = [text for _, text in batch]
-        keys = [(slot, g) for slot in range(len(batch)) for g in range(group_size)]
+        keys = self.algorithm.sample_keys(len(batch), cfg.rollout.group_size, cfg.algorithm, cfg.sampling.num_steps)
+        groups = group_ids(keys, cfg.rollout.group_size)
         n = len(keys)
         local_idx = local_sample_indices(n, cfg.train.micro_batch_size, topo.dp_size, topo.dp_rank)
         local_keys = [keys[i] for i in local_idx]
         images = self.images(batch)
-        cond = self.conditioning(texts, images, group_size).select(local_idx)
-        plan = self.algorithm.build_plan(cfg.sampling.num_steps, self.fraction, sample_keys=keys, seed=cfg.seed,
-                                         iteration=iteration)
-        local_plan = StepPlan(sde=plan.sde, trained=tuple(plan.trained[i] for i in local_idx))
-        scores: dict[str, list[torch.Tensor]] = {name: [] for name in self.rewards.weights}
+        prompt_cond = self.conditioning(texts, images)
+        cond = prompt_cond.select([slot for slot, _ in local_keys])
+        plan = self.plan(iteration, keys)
+        columns = self.algorithm.score_columns(cfg.algorithm)
+        scores: dict[str, list[tuple[int, torch.Tensor]]] = {name: [] for name in self.rewards.weights}
         sample_videos: list[torch.Tensor] = []
         reward_time = 0.0
 
-        def score(videos: torch.Tensor, idx: slice) -> None:
+        def score(videos: torch.Tensor, idx: slice, column: int) -> None:
             nonlocal reward_time
             t0 = time.perf_counter()
             chunk_keys = local_keys[idx]
@@ -253,32 +295,35 @@ class Trainer:
             try:
                 for name, value in self.rewards(videos.float().cpu(), [texts[slot] for slot, _ in chunk_keys],
                                                 meta).items():
-                    scores[name].append(value)
+                    scores[name].append((column, value))
             except RewardError as e:
                 raise RewardError(f"iteration {iteration}: {e}") from e
-            first_group = [i for i, (slot, _) in enumerate(chunk_keys) if slot == 0]
-            if topo.is_main and first_group:
+            first_group = [i for i, (slot, g) in enumerate(chunk_keys) if slot == 0 and g < cfg.rollout.group_size]
+            if topo.is_main and first_group and column == 0:
                 sample_videos.append(videos[first_group].float().cpu())
             reward_time += time.perf_counter() - t0
 
         t_rollout = time.perf_counter()
         with self._rollout_weights():
-            rollout = run_rollout(
-                self.adapter, cond, local_keys, local_plan, self.settings, latent_shape=self.latent_shape,
-                seed=cfg.seed, iteration=iteration, chunk_size=cfg.rollout.chunk_size,
-                micro_batch_size=cfg.train.micro_batch_size, share_noise=cfg.rollout.share_noise,
-                on_videos=score if topo.is_sp_leader else None, show_progress=self.show_progress,
-                subbatch_steps={i for steps in plan.trained for i in steps},
-                sp_group=topo.sp_group if topo.sp_size > 1 else None)
+            rollout = run_program(
+                self.algorithm.program, self.adapter, prompt_cond, cond, local_keys, plan.select(local_idx),
+                self.settings, latent_shape=self.latent_shape, seed=cfg.seed, iteration=iteration,
+                chunk_size=cfg.rollout.chunk_size, micro_batch_size=cfg.train.micro_batch_size,
+                share_noise=cfg.rollout.share_noise, on_videos=score if topo.is_sp_leader else None,
+                show_progress=self.show_progress, subbatch_steps={i for steps in plan.trained for i in steps},
+                sp_group=topo.sp_group if topo.sp_size > 1 else None,
+                keep_mean=LOSSES[cfg.algorithm.loss].needs_old_mean, collective=cfg.parallel.zero_stage == 3,
+                **self.algorithm.program_options(cfg.algorithm))
         rollout_time = time.perf_counter() - t_rollout - reward_time
-        local_scores = {name: torch.cat(parts) for name, parts in scores.items()} if topo.is_sp_leader else None
-        components = self._gather_rewards(local_idx, local_scores, n)
+        local_scores = None
+        if topo.is_sp_leader:
+            local_scores = {}
+            for name, parts in scores.items():
+                local_scores[name] = torch.stack([torch.cat([v for c, v in parts if c == col])
+                                                  for col in range(columns)], dim=1)
+        components = self._gather_rewards(local_idx, local_scores, n, columns)
         total = self.rewards.weighted_sum(components)
-        adv = compute_advantages(
-            components, self.rewards.weights, torch.tensor([slot for slot, _ in keys], dtype=torch.long),
-            aggregation=cfg.algorithm.reward_aggregation, eps=cfg.algorithm.adv_eps,
-            global_std=cfg.algorithm.global_std, clip_max=cfg.algorithm.adv_clip_max,
-            drop_zero_std=cfg.algorithm.drop_zero_std_groups)
+        adv = self.advantages(components, groups)
         t_update = time.perf_counter()
         mine = torch.tensor(local_idx, dtype=torch.long)
         layout = DistributedUpdate(engine=self.engine, dp_size=topo.dp_size, dp_rank=topo.dp_rank,
@@ -287,22 +332,29 @@ class Trainer:
                                    loss_scale=self.loss_scale)
         update_metrics = policy_update(self.adapter, rollout, cond, adv.values[mine], adv.weights[mine], self.settings,
                                        self.update_settings, self.optimizer, show_progress=self.show_progress,
-                                       layout=layout, global_weights=adv.weights)
+                                       layout=layout, global_weights=adv.weights,
+                                       on_optimizer_step=self._after_optimizer_step)
         update_time = time.perf_counter() - t_update
+        if self.algorithm.advance is not None:
+            self.algorithm_state = self.algorithm.advance(cfg.algorithm, cfg.sampling.num_steps, self.algorithm_state)
         peak = peak_memory_gb(self.device)
         if topo.distributed:
             peak_t = torch.tensor([peak], dtype=torch.float64)
             dist.all_reduce(peak_t, op=dist.ReduceOp.MAX)
             peak = float(peak_t)
+        trained_steps = sorted({i for steps in plan.trained for i in steps})
         metrics = {
             "reward/mean": float(total.mean()),
             "reward/std": float(total.std(unbiased=False)),
             **{f"reward/{name}": float(v.mean()) for name, v in components.items()},
             "advantage/zero_std_groups": float(adv.zero_std_groups),
             "advantage/abs_mean": float(adv.values.abs().mean()),
+            "advantage/trained_fraction": float((adv.weights > 0).float().mean()),
             **update_metrics,
             "optim/lr": self.optimizer.param_groups[0]["lr"],
             "nfe/rollout_per_sample": float(rollout.nfe_per_sample),
+            "plan/first_trained_step": float(trained_steps[0]),
+            "plan/steps": float(plan.num_steps),
             "time/rollout_s": rollout_time,
             "time/reward_s": reward_time,
             "time/update_s": update_time,
@@ -315,6 +367,12 @@ class Trainer:
                 self.writer.log_video("samples/videos", torch.cat(sample_videos), iteration + 1)
                 self.writer.log_text("samples/prompt", texts[0], iteration + 1)
         return metrics
+
+    def _after_optimizer_step(self) -> None:
+        """Count the job's optimizer steps (they survive a resume) and update the EMA."""
+        self.optimizer_steps += 1
+        if self.ema is not None:
+            self.ema.update(self.optimizer_steps)
 
     def _rollout_weights(self) -> Any:
         """With `rollout.gather_weights` under ZeRO-3: the whole transformer gathered once for the
@@ -329,7 +387,8 @@ class Trainer:
         """Checkpoint after `iteration` iterations (collective)."""
         return save_checkpoint(self.adapter, self.output_dir, iteration, optimizer=self.optimizer,
                                engine=self.engine, topo=self.topo, keep=self.cfg.train.keep_checkpoints,
-                               zero_stage=self.cfg.parallel.zero_stage)
+                               zero_stage=self.cfg.parallel.zero_stage, ema=self.ema,
+                               trainer_state={"algorithm": self.algorithm_state, "optimizer_steps": self.optimizer_steps})
 
     def train(self) -> list[dict[str, float]]:
         """Run iterations `start_iteration .. train.iterations-1`, checkpointing every

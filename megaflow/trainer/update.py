@@ -20,12 +20,12 @@ layout-invariance test checks.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
-from megaflow.algorithms.losses import clipped_surrogate
+from megaflow.algorithms.losses import LOSSES, StepTerms
 from megaflow.models.base import Conditioning, ModelAdapter
 from megaflow.monitor.progress import progress
 from megaflow.sampling.steps import step
@@ -42,6 +42,7 @@ class UpdateSettings:
     micro_batch_size: int
     grad_accum: int | None
     grad_clip: float
+    loss: str = "clipped"  #: a name in `megaflow.algorithms.losses.LOSSES`
 
 
 def accumulation_windows(num_micro: int, grad_accum: int | None) -> list[range]:
@@ -84,8 +85,10 @@ def _all_sum(values: list[float], group: Any) -> list[float]:
 def policy_update(adapter: ModelAdapter, rollout: Rollout, cond: Conditioning, advantages: torch.Tensor,
                   weights: torch.Tensor, settings: SamplerSettings, update: UpdateSettings,
                   optimizer: torch.optim.Optimizer, *, show_progress: bool = True,
-                  layout: DistributedUpdate | None = None, global_weights: torch.Tensor | None = None) -> dict[str, float]:
+                  layout: DistributedUpdate | None = None, global_weights: torch.Tensor | None = None,
+                  on_optimizer_step: Callable[[], None] | None = None) -> dict[str, float]:
     """Run the update over this rank's samples; returns metric values of the whole job.
+    `on_optimizer_step` runs after every optimizer step (the EMA's update).
 
     `advantages`, `weights`, `cond`, `rollout`: this rank's samples (`local_sample_indices`);
     `global_weights [S_total]`: every sample's weight, for the window totals (default `weights`).
@@ -101,6 +104,9 @@ def policy_update(adapter: ModelAdapter, rollout: Rollout, cond: Conditioning, a
     num_micro = global_weights.shape[0] // m
     mine = local_micro_batches(num_micro, layout.dp_size, layout.dp_rank)
     position = {j: p for p, j in enumerate(mine)}
+    loss_fn = LOSSES[update.loss]
+    if loss_fn.needs_old_mean and rollout.mean_old is None:
+        raise ValueError(f"loss '{update.loss}' needs the rollout's step means; run the rollout with keep_mean=True")
     ratios, clipped, approx_kl, grad_norms = [], [], [], []
     policy_sum = kl_sum = weight_total = 0.0
     first_dev = 0.0
@@ -130,13 +136,17 @@ def policy_update(adapter: ModelAdapter, rollout: Rollout, cond: Conditioning, a
                     xs, xns = adapter.shard_latent(x), adapter.shard_latent(x_next)
                     mean_ref = step(settings.sde_kind, xs, v_ref, sigma, sigma_next, noise_level=settings.noise_level,
                                     sigma_max=settings.sigma_max, prev_sample=xns, compute_log_prob=False).mean
+                mean_old = None
+                if loss_fn.needs_old_mean:
+                    mean_old = adapter.shard_latent(rollout.mean_old[mb, k].to(device))
                 with torch.set_grad_enabled(w_weight > 0):
                     with settings.autocast(device):
                         v = adapter.velocity_shard(x, sigma, mb_cond, settings.guidance_scale, settings.embedded_guidance)
                     out = step_log_prob(adapter, settings, settings.sde_kind, x, v, x_next, sigma, sigma_next,
-                                        mean_ref_shard=mean_ref, sp_group=layout.sp_group)
-                    per_sample, stats = clipped_surrogate(out.log_prob, rollout.logp_old[mb, k].to(device), adv,
-                                                          update.clip_range)
+                                        mean_ref_shard=mean_ref, mean_old_shard=mean_old, sp_group=layout.sp_group)
+                    terms = StepTerms(logp_new=out.log_prob, logp_old=rollout.logp_old[mb, k].to(device),
+                                      advantages=adv, std=out.std, dt=sigma_next - sigma, ratio_norm=out.ratio_norm)
+                    per_sample, stats = loss_fn.fn(terms, update.clip_range)
                     kl = out.kl if out.kl is not None else torch.zeros_like(per_sample)
                 if w_weight > 0:
                     loss = ((per_sample + update.kl_beta * kl) * wts).sum() / (w_weight * k_steps)
@@ -163,6 +173,8 @@ def policy_update(adapter: ModelAdapter, rollout: Rollout, cond: Conditioning, a
                 optimizer.step()
             else:
                 grad_norms.append(float(engine.get_global_grad_norm()))
+            if on_optimizer_step is not None:
+                on_optimizer_step()
     bar.close()
     ratio = torch.cat(ratios).double()
     clip_t = torch.cat(clipped).double()

@@ -15,9 +15,11 @@ import torch
 
 from megaflow.kernels import BACKENDS, KernelBackendError, LogProbOut, sde_log_prob, sde_log_prob_torch
 from megaflow.kernels import logprob as dispatch
-from megaflow.sampling import SDE_KINDS, step
+from megaflow.sampling import step
 
 NOISE_LEVEL = {"flow_grpo": 0.7, "dance": 0.3, "cps": 0.8}
+# flow_grpo_linear shares flow_grpo's coefficient path (`step_coefficients`); one test below covers it.
+KINDS = tuple(NOISE_LEVEL)
 SHAPE = (3, 4, 7, 9, 13)  # 3276 elements per sample: two 2048-element blocks, the second partial
 FIELDS = ("log_prob", "kl", "ratio_norm")
 
@@ -94,7 +96,7 @@ def assert_grads_close(got: torch.Tensor, want: torch.Tensor, rtol: float) -> No
 
 # ----------------------------------------------------------------------------- torch reference
 
-@pytest.mark.parametrize("kind", SDE_KINDS)
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_reference_matches_step_log_prob_and_closed_forms(kind: str, dtype: torch.dtype) -> None:
     case = make_case(kind, dtype=dtype)
@@ -111,7 +113,7 @@ def test_reference_matches_step_log_prob_and_closed_forms(kind: str, dtype: torc
     assert out.count is None
 
 
-@pytest.mark.parametrize("kind", SDE_KINDS)
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("partial", [False, True])
 def test_reference_gradcheck_float64(kind: str, partial: bool) -> None:
     """float64 inputs make the reference compute in float64 (the float32 coefficients are exact
@@ -197,7 +199,7 @@ def test_triton_backend_reports_interpreter_set_too_late(monkeypatch: pytest.Mon
 
 # ----------------------------------------------------------------------------- Triton kernels
 
-@pytest.mark.parametrize("kind", SDE_KINDS)
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("means", [True, False])
 @pytest.mark.parametrize("partial", [False, True])
 def test_triton_matches_reference_fp32(kind: str, means: bool, partial: bool, device: torch.device,
@@ -211,7 +213,7 @@ def test_triton_matches_reference_fp32(kind: str, means: bool, partial: bool, de
     assert got_grad.dtype == torch.float32 and got_grad.shape == case.v.shape
 
 
-@pytest.mark.parametrize("kind", SDE_KINDS)
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_triton_matches_step_log_prob(kind: str, dtype: torch.dtype, device: torch.device,
                                       triton_ready: None) -> None:
@@ -390,3 +392,18 @@ def test_triton_suite_in_fresh_process(triton_import_error: str | None, triton_i
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_linear_noise_schedule_through_the_kernels(backend: str, device: torch.device, request) -> None:
+    """Flow-GRPO's Wan step (`flow_grpo_linear`, s = σ_max·σ) goes through the same coefficient path."""
+    if backend == "triton":
+        request.getfixturevalue("triton_ready")
+    g = torch.Generator().manual_seed(5)
+    x, v, noise = (torch.randn(SHAPE, generator=g) for _ in range(3))
+    sigma = torch.linspace(0.9, 0.3, SHAPE[0])
+    st = step("flow_grpo_linear", x, v, sigma, sigma - 0.05, sigma_max=0.95, noise=noise)
+    out = sde_log_prob("flow_grpo_linear", x.to(device), v.to(device), st.prev_sample.to(device), sigma.to(device),
+                       (sigma - 0.05).to(device), noise_level=0.0, sigma_max=0.95, backend=backend)
+    torch.testing.assert_close(out.log_prob.cpu(), st.log_prob, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(out.std.cpu(), 0.95 * sigma * 0.05**0.5)

@@ -24,7 +24,7 @@ def main(model_dir: str, output_dir: str, ds_config: str) -> None:
             count["n"] += 1
             return _orig(*args, **kwargs)
         param.all_gather_coalesced = counting
-    rollout = loop.run_rollout
+    rollout = loop.run_program
 
     def counted_rollout(*args, **kwargs):
         count["n"] = 0
@@ -32,7 +32,7 @@ def main(model_dir: str, output_dir: str, ds_config: str) -> None:
         count["rollout"].append(count["n"])
         return out
 
-    loop.run_rollout = counted_rollout
+    loop.run_program = counted_rollout
     results = []
     for iteration, gather in enumerate((False, True, False, True)):
         cfg.rollout.gather_weights = gather

@@ -19,6 +19,11 @@ def expected_mean_std(kind, x, v, sigma, sigma_next, level, sigma_max):
         s = level * math.sqrt(sigma / (1 - denom))
         mean = x * (1 + s**2 * dt / (2 * sigma)) + v * (1 + s**2 * (1 - sigma) / (2 * sigma)) * dt
         return mean, s * math.sqrt(-dt)
+    if kind == "flow_grpo_linear":
+        # Flow-GRPO's Wan step: the same mean with s = σ_min + (σ_max − σ_min)·σ, σ_min = 0.
+        s = sigma_max * sigma
+        mean = x * (1 + s**2 * dt / (2 * sigma)) + v * (1 + s**2 * (1 - sigma) / (2 * sigma)) * dt
+        return mean, s * math.sqrt(-dt)
     if kind == "dance":
         x0 = x - sigma * v
         score = -(x - (1 - sigma) * x0) / sigma**2
@@ -36,7 +41,7 @@ def test_step_matches_independent_formulas(kind, i):
     x = torch.randn(3, 4, 2, 5, 6, generator=gen, dtype=torch.float64)
     v = torch.randn(3, 4, 2, 5, 6, generator=gen, dtype=torch.float64)
     noise = torch.randn(3, 4, 2, 5, 6, generator=gen)
-    level = {"ode": 0.0, "flow_grpo": 0.7, "dance": 0.3, "cps": 0.8}[kind]
+    level = {"ode": 0.0, "flow_grpo": 0.7, "flow_grpo_linear": 0.0, "dance": 0.3, "cps": 0.8}[kind]
     s, sn = float(sigmas[i]), float(sigmas[i + 1])
     out = step(kind, x.float(), v.float(), s, sn, noise_level=level, sigma_max=float(sigmas[1]), noise=noise)
     mean, std = expected_mean_std(kind, x, v, s, sn, level, float(sigmas[1]))
@@ -104,7 +109,7 @@ def test_batch_mixing_steps_equals_each_sample_computed_alone(kind):
     gen = torch.Generator().manual_seed(3)
     x, v, noise = (torch.randn(4, 3, 2, 4, 4, generator=gen) for _ in range(3))
     idx = torch.tensor([0, 2, 5, 4])  # step 5 ends at σ = 0
-    level = {"flow_grpo": 0.7, "dance": 0.3, "cps": 0.8}[kind]
+    level = {"flow_grpo": 0.7, "flow_grpo_linear": 0.0, "dance": 0.3, "cps": 0.8}[kind]
     kw = dict(noise_level=level, sigma_max=sigmas[1])
     batched = step(kind, x, v, sigmas[idx], sigmas[idx + 1], noise=noise, **kw)
     for j, i in enumerate(idx.tolist()):
@@ -144,7 +149,7 @@ def test_loss_gradient_wrt_velocity_matches_finite_differences(kind):
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, 2, 4, 4, generator=gen)
     v0 = torch.randn(2, 3, 2, 4, 4, generator=gen)
-    level = {"flow_grpo": 0.7, "dance": 0.3, "cps": 0.8}[kind]
+    level = {"flow_grpo": 0.7, "flow_grpo_linear": 0.0, "dance": 0.3, "cps": 0.8}[kind]
     kw = dict(noise_level=level, sigma_max=float(sigmas[1]))
     old = step(kind, x, v0, sigmas[1], sigmas[2], noise=torch.randn(x.shape, generator=gen), **kw)
     v_ref = v0 + 0.1 * torch.randn(x.shape, generator=gen)
