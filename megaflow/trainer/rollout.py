@@ -231,8 +231,9 @@ def run_tree_rollout(adapter: ModelAdapter, prompt_cond: Conditioning, cond: Con
     anchors: dict[tuple[int, int], torch.Tensor] = {}
     num_prompts = len(prompt_cond)
     lengths = {(k, lam): len(granular_indices(num_steps, k, lam)) - 1 for k in branch for lam in granularities}
-    bar = progress(num_prompts * max(branch) + n * (1 + sum(lengths.values()) // max(len(branch), 1)), "rollout",
-                   enabled=show_progress, unit="step", leave=False)
+    steps = num_prompts * max(branch) + sum(1 + sum(lengths[(int(t[0]), lam)] for lam in granularities)
+                                            for t in plan.trained)
+    bar = progress(steps, "rollout", enabled=show_progress, unit="step", leave=False)
     for start in range(0, num_prompts, chunk_size):
         slots = list(range(start, min(start + chunk_size, num_prompts)))
         x = initial_noise([(slot, 0) for slot in slots], latent_shape, seed=seed, iteration=iteration,
