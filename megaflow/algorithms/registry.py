@@ -26,7 +26,6 @@ if TYPE_CHECKING:
 
 #: Default noise level of each SDE kind when `algorithm.sde_kind` replaces the algorithm's own.
 KIND_NOISE = {"flow_grpo": 0.7, "dance": 0.3, "cps": 0.8}
-PROGRAMS = ("chain", "tree")
 
 
 @dataclass(frozen=True)

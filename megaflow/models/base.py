@@ -78,10 +78,6 @@ class TextConditioning:
         index = _index(index, self.embeds.device)
         return self._map(lambda t: t[index])
 
-    def repeat_interleave(self, repeats: int) -> "TextConditioning":
-        """Every row `repeats` times in a row (one prompt per group of samples)."""
-        return self._map(lambda t: t.repeat_interleave(repeats, dim=0))
-
     def expand(self, batch: int) -> "TextConditioning":
         """A one-row branch (the negative prompt) for `batch` samples."""
         return self._map(lambda t: t.expand(batch, *t.shape[1:]))
