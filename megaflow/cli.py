@@ -39,6 +39,14 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert_reward(args: argparse.Namespace) -> int:
+    from megaflow.rewards.convert import convert_reward
+
+    out = convert_reward(args.kind, args.src, args.dst, args.base)
+    print(f"wrote {args.kind} reward folder {out}; use it as reward.options.{args.kind}.path")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     if args.target == "kernels":
         from megaflow.bench.kernels import main as bench_kernels
@@ -77,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="export the raw trained weights even when the checkpoint has an EMA of them (default: "
                              "the EMA when present)")
     export.set_defaults(func=_export)
+
+    convert = sub.add_parser("convert-reward", help="convert a published reward checkpoint into a folder megaflow loads")
+    convert.add_argument("kind", help="which reward's checkpoint (hpsv2, imagereward)")
+    convert.add_argument("src", help="the published checkpoint file")
+    convert.add_argument("dst", help="the folder to write (new or empty)")
+    convert.add_argument("--base", help="the transformers folder the checkpoint was trained from (config, tokenizer, "
+                                        "processor), where the kind needs one")
+    convert.set_defaults(func=_convert_reward)
 
     bench = sub.add_parser("bench", help="run a benchmark")
     bench.add_argument("target", choices=["kernels", "algorithms"], help="what to benchmark")

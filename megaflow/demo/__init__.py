@@ -2,7 +2,7 @@
 
 `base_model_dir()` is the diffusers-format folder shipped in the package (written by
 `megaflow pretrain-demo`); `megaflow.demo.world` renders and captions clips; the `shapes`
-reward (`megaflow.rewards.shapes`) verifies them.
+reward (`megaflow.demo.verifier`) verifies them.
 """
 from __future__ import annotations
 

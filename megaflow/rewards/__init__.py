@@ -1,10 +1,15 @@
-"""Rewards: the protocol, the registry, `RewardSet` and the built-in rewards (registered on import)."""
-from megaflow.rewards import builtin, shapes
+"""Rewards: the protocol, the registry, `RewardSet` and the built-in rewards (registered on import).
+
+Rewards with heavy imports register lazily: their module is imported when one is first built.
+"""
+from megaflow.rewards import builtin
 from megaflow.rewards.base import (
     Reward,
+    RewardScores,
     RewardSet,
     available_rewards,
     build_reward,
+    register_lazy,
     register_reward,
     validate_videos,
 )
@@ -12,12 +17,20 @@ from megaflow.rewards.builtin import luminance
 
 __all__ = [
     "Reward",
+    "RewardScores",
     "RewardSet",
     "available_rewards",
     "build_reward",
     "builtin",
-    "shapes",
+    "register_lazy",
     "luminance",
     "register_reward",
     "validate_videos",
 ]
+
+#: Reward name -> the module that registers it (imported when the reward is first built).
+LAZY_REWARDS = {
+    "shapes": "megaflow.demo.verifier",
+}
+for _name, _module in LAZY_REWARDS.items():
+    register_lazy(_name, _module)

@@ -1,16 +1,21 @@
 """The reward protocol, the reward registry and `RewardSet`, a weighted group of rewards.
 
 A reward scores decoded videos: `reward(videos, prompts, metadata) -> scores` with `videos`
-float `[B, F, 3, H, W]` in [0, 1], one prompt and one metadata dict per video, and `scores`
-`[B]`, higher is better. Rewards are registered by name on a factory (a class or function
-taking keyword options and returning the callable) and built from the recipe by name.
+float `[B, F, 3, H, W]` in [0, 1] (any float dtype, on any device), one prompt and one metadata
+dict per video, and `scores` `[B]`, higher is better, or a mapping with the score under
+`"score"` and named sub-scores `[B]` beside it (reported as metrics, not trained on). Rewards
+are registered by name on a factory (a class or function taking keyword options and returning
+the callable) and built from the recipe by name. Rewards that need heavy imports (transformers
+models, HTTP clients) are registered lazily: their module is imported when first built.
 """
 from __future__ import annotations
 
 import difflib
+import importlib
 import inspect
 import math
-from typing import Any, Callable, Protocol, TypeVar, runtime_checkable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Protocol, TypeVar, runtime_checkable
 
 import torch
 
@@ -18,9 +23,11 @@ from megaflow.errors import ConfigError, RewardError
 
 __all__ = [
     "Reward",
+    "RewardScores",
     "RewardSet",
     "available_rewards",
     "build_reward",
+    "register_lazy",
     "register_reward",
     "validate_videos",
 ]
@@ -32,8 +39,9 @@ class Reward(Protocol):
 
     def __call__(
         self, videos: torch.Tensor, prompts: list[str], metadata: list[dict[str, Any]]
-    ) -> torch.Tensor:
-        """Score each video of `videos` `[B, F, 3, H, W]` given its prompt and metadata: `[B]`."""
+    ) -> torch.Tensor | Mapping[str, torch.Tensor]:
+        """Score each video of `videos` `[B, F, 3, H, W]` given its prompt and metadata: `[B]` (or
+        `{"score": [B], sub-score name: [B], ...}`)."""
         ...
 
 
@@ -41,6 +49,8 @@ RewardFactory = Callable[..., Reward]
 F = TypeVar("F", bound=Callable[..., Any])
 
 _REGISTRY: dict[str, RewardFactory] = {}
+#: Reward name -> the module that registers it when imported (rewards with heavy imports).
+_LAZY: dict[str, str] = {}
 
 
 def register_reward(name: str) -> Callable[[F], F]:
@@ -65,9 +75,29 @@ def _qualified(obj: Any) -> str:
     return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
 
 
+def register_lazy(name: str, module: str) -> None:
+    """Declare that importing `module` registers the reward `name` (imported on first build)."""
+    _LAZY[name] = module
+
+
 def available_rewards() -> list[str]:
-    """The registered reward names, sorted."""
-    return sorted(_REGISTRY)
+    """The registered reward names (lazy ones included), sorted."""
+    return sorted(set(_REGISTRY) | set(_LAZY))
+
+
+def reward_factory(name: str) -> RewardFactory:
+    """The factory registered as `name` (importing its module if it is lazy); ConfigError if unknown."""
+    if name not in _REGISTRY and name in _LAZY:
+        importlib.import_module(_LAZY[name])
+    factory = _REGISTRY.get(name)
+    if factory is None:
+        valid = available_rewards()
+        close = difflib.get_close_matches(str(name), valid, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(
+            f"unknown reward {name!r}.{hint} Available rewards: {', '.join(valid) or '(none)'}"
+        )
+    return factory
 
 
 def _accepted_options(factory: RewardFactory) -> tuple[list[str], bool]:
@@ -85,16 +115,9 @@ def _accepted_options(factory: RewardFactory) -> tuple[list[str], bool]:
     return names, var_kw
 
 
-def build_reward(name: str, **options: Any) -> Reward:
-    """Build the registered reward `name` with its keyword `options`; ConfigError if either is bad."""
-    factory = _REGISTRY.get(name)
-    if factory is None:
-        valid = available_rewards()
-        close = difflib.get_close_matches(str(name), valid, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(
-            f"unknown reward {name!r}.{hint} Available rewards: {', '.join(valid) or '(none)'}"
-        )
+def check_reward_options(name: str, options: dict[str, Any]) -> RewardFactory:
+    """The factory of `name` after checking that it accepts `options`; ConfigError otherwise."""
+    factory = reward_factory(name)
     accepted, var_kw = _accepted_options(factory)
     described = ", ".join(accepted) if accepted else "(none)"
     if not var_kw:
@@ -108,6 +131,14 @@ def build_reward(name: str, **options: Any) -> Reward:
             inspect.signature(factory).bind(**options)
         except TypeError as e:
             raise ConfigError(f"reward {name!r}: {e}; accepted options: {described}") from e
+    return factory
+
+
+def build_reward(name: str, **options: Any) -> Reward:
+    """Build the registered reward `name` with its keyword `options`; ConfigError if either is bad."""
+    factory = check_reward_options(name, options)
+    accepted, _ = _accepted_options(factory)
+    described = ", ".join(accepted) if accepted else "(none)"
     try:
         return factory(**options)
     except ConfigError:
@@ -144,15 +175,34 @@ def validate_videos(videos: Any, prompts: Any = None, metadata: Any = None) -> N
             raise RewardError(f"got {batch} videos but {len(seq)} {label}")
 
 
+@dataclass
+class RewardScores:
+    """One scoring's results: each component's score `[B]` (what is trained on) and the named
+    sub-scores `[B]` the components reported beside it (`"<component>/<sub>"`, metrics only)."""
+
+    components: dict[str, torch.Tensor]
+    details: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
 class RewardSet:
-    """Named rewards with weights: raw per-component scores `[B]` and their weighted sum."""
+    """Named rewards with weights: raw per-component scores `[B]` and their weighted sum.
+
+    Names and options are checked when the set is made, and the rewards built then too unless
+    `lazy` (then on first use or `build()`, so only the ranks that score load reward models). `device`: passed
+    to every reward whose factory takes a `device` option (unless its options set one);
+    `offload`: move such rewards to the CPU between scorings (they must have `to(device)`).
+    """
 
     def __init__(
         self,
         components: dict[str, float],
         options: dict[str, dict[str, Any]] | None = None,
+        *,
+        device: str | torch.device | None = None,
+        offload: bool = False,
+        lazy: bool = False,
     ) -> None:
-        """Build each reward of `components` (name -> weight) with `options[name]` (if given)."""
+        """Check each reward of `components` (name -> weight) with `options[name]` (if given)."""
         if not components:
             raise ConfigError(
                 "no rewards configured: give at least one reward name with a weight "
@@ -166,7 +216,10 @@ class RewardSet:
                 f"configured rewards {', '.join(components)}"
             )
         self.weights: dict[str, float] = {}
-        self.rewards: dict[str, Reward] = {}
+        self.options: dict[str, dict[str, Any]] = {}
+        self.device = None if device is None else str(device)
+        self.offload = bool(offload)
+        self._rewards: dict[str, Reward] | None = None
         for name, weight in components.items():
             try:
                 w = float(weight)
@@ -179,23 +232,70 @@ class RewardSet:
                 raise ConfigError(
                     f"reward {name!r}: options must be a mapping, got {type(opts).__name__}"
                 )
-            self.rewards[name] = build_reward(name, **opts)
+            opts = dict(opts)
+            factory = check_reward_options(name, opts)
+            if self.device is not None and "device" not in opts and "device" in _accepted_options(factory)[0]:
+                opts["device"] = self.device
+            self.options[name] = opts
             self.weights[name] = w
+        if not lazy:
+            self.build()
+
+    def build(self) -> dict[str, Reward]:
+        """Build every reward (once): name -> reward."""
+        if self._rewards is None:
+            self._rewards = {name: build_reward(name, **opts) for name, opts in self.options.items()}
+        return self._rewards
+
+    @property
+    def rewards(self) -> dict[str, Reward]:
+        """The built rewards, name -> reward (built now if they are not yet)."""
+        return self.build()
+
+    def _place(self, device: str | None) -> None:
+        for reward in self.build().values():
+            if device is not None and callable(getattr(reward, "to", None)):
+                reward.to(device)
+
+    def score(
+        self, videos: torch.Tensor, prompts: list[str], metadata: list[dict[str, Any]]
+    ) -> RewardScores:
+        """Score `videos` `[B, F, 3, H, W]`: each component's raw float32 CPU scores `[B]`, and
+        the sub-scores the components report."""
+        validate_videos(videos, prompts, metadata)
+        batch = videos.shape[0]
+        result = RewardScores({})
+        if self.offload:
+            self._place(self.device)
+        try:
+            for name, reward in self.build().items():
+                try:
+                    out = reward(videos, prompts, metadata)
+                except RewardError as e:
+                    raise RewardError(f"reward {name!r}: {e}") from e
+                except Exception as e:
+                    raise RewardError(f"reward {name!r} raised {type(e).__name__}: {e}") from e
+                if isinstance(out, Mapping):
+                    if "score" not in out:
+                        raise RewardError(
+                            f"reward {name!r} returned a mapping without a 'score' entry "
+                            f"(keys: {sorted(out)})"
+                        )
+                    for sub, value in out.items():
+                        if sub != "score":
+                            result.details[f"{name}/{sub}"] = self._check_scores(f"{name}/{sub}", value, batch)
+                    out = out["score"]
+                result.components[name] = self._check_scores(name, out, batch)
+        finally:
+            if self.offload:
+                self._place("cpu")
+        return result
 
     def __call__(
         self, videos: torch.Tensor, prompts: list[str], metadata: list[dict[str, Any]]
     ) -> dict[str, torch.Tensor]:
         """Score `videos` `[B, F, 3, H, W]`: each component's raw float32 CPU scores `[B]`."""
-        validate_videos(videos, prompts, metadata)
-        batch = videos.shape[0]
-        scores: dict[str, torch.Tensor] = {}
-        for name, reward in self.rewards.items():
-            try:
-                out = reward(videos, prompts, metadata)
-            except Exception as e:
-                raise RewardError(f"reward {name!r} raised {type(e).__name__}: {e}") from e
-            scores[name] = self._check_scores(name, out, batch)
-        return scores
+        return self.score(videos, prompts, metadata).components
 
     @staticmethod
     def _check_scores(name: str, out: Any, batch: int) -> torch.Tensor:

@@ -5,7 +5,7 @@ import torch
 from megaflow.demo.world import BACKGROUND, all_attributes, parse_prompt, render_clip
 from megaflow.errors import ConfigError, RewardError
 from megaflow.rewards import RewardSet, available_rewards
-from megaflow.rewards.shapes import ATTRIBUTES, ShapesReward, estimate
+from megaflow.demo.verifier import ATTRIBUTES, ShapesReward, estimate
 
 
 def _blur(video: torch.Tensor) -> torch.Tensor:
