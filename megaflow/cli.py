@@ -30,6 +30,20 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _preprocess(args: argparse.Namespace) -> int:
+    from megaflow.config import load_config
+    from megaflow.data.text_cache import preprocess
+
+    cfg = load_config(args.config, list(args.set or []))
+    result = preprocess(cfg, batch_size=args.batch_size, show_progress=not args.no_progress)
+    if result.rank == 0:
+        print(f"text cache {result.folder}: {result.encoded} of the recipe's {result.items} prompts / negative "
+              f"prompt / images encoded now ({result.world_size} process(es), {result.seconds:.1f}s), "
+              f"{result.entries} entries in {result.shards} shard(s), {result.nbytes / 2**20:.2f} MiB; train with "
+              f"--set data.text_cache={result.folder}")
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from megaflow.trainer.ema import describe_weights
     from megaflow.trainer.export import export_checkpoint
@@ -45,6 +59,13 @@ def _convert_reward(args: argparse.Namespace) -> int:
     out = convert_reward(args.kind, args.src, args.dst, args.base)
     print(f"wrote {args.kind} reward folder {out}; use it as reward.options.{args.kind}.path")
     return 0
+
+
+def _reward_server(args: argparse.Namespace) -> int:
+    from megaflow.rewards.server import serve_command
+
+    return serve_command(args.reward, args.set_option or [], host=args.host, port=args.port,
+                         token_env=args.token_env, max_mb=args.max_mb, device=args.device)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -77,6 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     train.set_defaults(func=_train)
 
+    prep = sub.add_parser("preprocess", help="encode a recipe's prompts once into data.text_cache (then training "
+                                             "loads no text encoder)")
+    prep.add_argument("--config", required=True, help="built-in recipe name (e.g. tiny) or a YAML path")
+    prep.add_argument("--set", action="append", metavar="KEY=VALUE",
+                      help="override a config key (repeatable); data.text_cache names the cache folder")
+    prep.add_argument("--batch-size", type=int, default=8, help="prompts per text-encoder call (default 8)")
+    prep.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    prep.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    prep.set_defaults(func=_preprocess)
+
     export = sub.add_parser("export", help="consolidated trainable weights (diffusers layout) from a checkpoint")
     export.add_argument("checkpoint", help="a checkpoints/iteration_NNNNNN directory (single-process or DeepSpeed)")
     export.add_argument("--output", required=True, help="folder for pytorch_lora_weights.safetensors or transformer/")
@@ -93,6 +124,23 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--base", help="the transformers folder the checkpoint was trained from (config, tokenizer, "
                                         "processor), where the kind needs one")
     convert.set_defaults(func=_convert_reward)
+
+    rserver = sub.add_parser("reward-server", help="serve registered rewards over HTTP (JSON) for the remote reward")
+    rserver.add_argument("--reward", action="append", required=True, metavar="NAME",
+                         help="a registered reward to serve (repeatable)")
+    rserver.add_argument("--set-option", action="append", metavar="NAME.KEY=VALUE",
+                         help="an option of a served reward, VALUE read as YAML (repeatable), e.g. brightness.target=0.5")
+    rserver.add_argument("--host", default="127.0.0.1",
+                         help="address to listen on (default 127.0.0.1; any other is reachable from elsewhere: "
+                              "use --token-env)")
+    rserver.add_argument("--port", type=int, default=18090, help="port to listen on (default 18090; 0: any free one)")
+    rserver.add_argument("--token-env", metavar="VAR",
+                         help="NAME of an environment variable holding a token that every request must send as "
+                              "'Authorization: Bearer <token>'")
+    rserver.add_argument("--max-mb", type=float, default=512.0,
+                         help="largest request body accepted, in MiB (default 512; larger ones get HTTP 413)")
+    rserver.add_argument("--device", default=None, help="device for rewards that take one (e.g. cuda:1)")
+    rserver.set_defaults(func=_reward_server)
 
     bench = sub.add_parser("bench", help="run a benchmark")
     bench.add_argument("target", choices=["kernels", "algorithms"], help="what to benchmark")

@@ -43,6 +43,13 @@ class DataConfig:
     prompts: list[str] = field(default_factory=list)  #: inline prompts, used without prompt_file
     prompts_per_iteration: int = 2
     negative_prompt: str = ""  #: used for classifier-free guidance
+    #: Folder of precomputed prompt embeddings (`megaflow preprocess` writes it, see
+    #: megaflow.data.text_cache); set: training reads the prompts (and the negative prompt, and Wan
+    #: I2V's CLIP image embeddings) from it and never loads the text encoders. null: encode online.
+    text_cache: str | None = None
+    #: A prompt or image the text cache lacks: `error` (name it and the `megaflow preprocess`
+    #: command) | `fill` (load the encoders at start-up, encode what is missing into the cache, free them).
+    text_cache_missing: str = "error"
 
 
 @dataclass
@@ -110,6 +117,12 @@ class RewardConfig:
 
     components: dict[str, float] = field(default_factory=lambda: {"brightness": 1.0})
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Where reward models run: `same` (the rank's training device), `cpu` or `cuda:N`.
+    device: str = "same"
+    #: Move reward models to the CPU between scorings (frees accelerator memory for the update).
+    offload: bool = False
+    #: Score chunk i in a worker thread while chunk i+1 is denoised (reward time hides behind the rollout).
+    overlap: bool = True
 
 
 @dataclass
@@ -376,8 +389,13 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | tuple[st
     if name_or_path is not None:
         for mapping in _recipe_chain(name_or_path):
             _apply_mapping(cfg, mapping)
+    recipe_options = set(cfg.reward.options)
     for assignment in overrides:
         apply_override(cfg, assignment)
+    # An override that replaces the reward components drops the recipe's options of the rewards it
+    # removed (options the overrides give for unconfigured rewards stay, and are an error).
+    for name in recipe_options - set(cfg.reward.components):
+        cfg.reward.options.pop(name, None)
     return cfg
 
 
@@ -393,6 +411,8 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 PRECISIONS = ("fp32", "bf16")
+#: `data.text_cache_missing` policies.
+TEXT_CACHE_MISSING = ("error", "fill")
 
 
 def validate_config(cfg: Config) -> None:
@@ -449,10 +469,17 @@ def validate_config(cfg: Config) -> None:
         bad(f"algorithm.clip_range must be > 0, got {cfg.algorithm.clip_range}")
     if cfg.algorithm.kl_beta < 0:
         bad(f"algorithm.kl_beta must be >= 0, got {cfg.algorithm.kl_beta}")
+    device = cfg.reward.device
+    if not (device in ("same", "cpu") or (device.startswith("cuda:") and device[5:].isdigit())):
+        bad(f"reward.device must be same, cpu or cuda:N (N a GPU index), got '{device}'")
     _validate_algorithm(cfg)
     validate_parallel(cfg)
     if not cfg.data.prompt_file and not [p for p in cfg.data.prompts if p.strip()]:
         bad("no prompts: set data.prompt_file to a text file with one prompt per line, or list data.prompts")
+    if cfg.data.text_cache_missing not in TEXT_CACHE_MISSING:
+        bad(f"data.text_cache_missing must be one of {', '.join(TEXT_CACHE_MISSING)}, got '{cfg.data.text_cache_missing}'")
+    if cfg.data.text_cache is not None and (not cfg.data.text_cache.strip() or Path(cfg.data.text_cache).expanduser().is_file()):
+        bad(f"data.text_cache must name a folder (made by `megaflow preprocess`), got '{cfg.data.text_cache}'")
     if cfg.model.init_weights:
         init = Path(cfg.model.init_weights)
         need = init / ("pytorch_lora_weights.safetensors" if cfg.model.lora else "transformer")

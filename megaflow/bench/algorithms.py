@@ -84,7 +84,7 @@ def run_variant(name: str, seed: int, iterations: int, output: Path, overrides: 
     train_s = time.perf_counter() - t0
     prompts = eval_prompts(cfg)
     adapter = load_model(cfg, out / "checkpoints" / f"iteration_{iterations:06d}", torch.device("cpu"))
-    report = score_videos(cfg, sample_videos(adapter, cfg, prompts, eval_samples, eval_seed, show_progress=False),
+    report = score_videos(cfg, sample_videos(adapter, cfg, prompts.prompts, eval_samples, eval_seed, show_progress=False),
                           prompts, eval_samples, name)
     return RunResult(name, seed, history, report.overall, report.components, train_s)
 
@@ -97,7 +97,7 @@ def base_score(overrides: list[str], eval_samples: int, eval_seed: int) -> dict[
     cfg = load_config("demo", overrides)
     prompts = eval_prompts(cfg)
     adapter = load_model(cfg, None, torch.device("cpu"))
-    report = score_videos(cfg, sample_videos(adapter, cfg, prompts, eval_samples, eval_seed, show_progress=False),
+    report = score_videos(cfg, sample_videos(adapter, cfg, prompts.prompts, eval_samples, eval_seed, show_progress=False),
                           prompts, eval_samples, "base")
     return {"overall": report.overall, **report.components}
 
@@ -141,24 +141,30 @@ def summarize(runs: list[RunResult], base: dict[str, float]) -> list[dict[str, A
             "eval_components": {k: _mean([r.eval_components[k] for r in rs]) for k in rs[0].eval_components},
             "ratio_max_dev": max(m.get("policy/ratio_max_dev", 0.0) for r in rs for m in r.history),
         })
+        comps = rows[-1]["eval_components"]
+        # the largest fall of a quality metric below the base model's: a run that hacks shows here
+        rows[-1]["quality_drop"] = max([base[k] - comps[k] for k in comps if k.startswith("quality/") and k in base],
+                                       default=math.nan)
     return rows
 
 
 def format_table(rows: list[dict[str, Any]], base: dict[str, float]) -> list[str]:
     """Markdown table of `summarize`'s rows."""
-    attrs = sorted(k for k in rows[0]["eval_components"] if "/" in k) if rows else []
+    keys = [k for k in rows[0]["eval_components"] if "/" in k] if rows else []
+    # the reward's attributes, then the held-out quality metrics (`quality/*`, never trained on)
+    attrs = sorted(keys, key=lambda k: (k.startswith("quality/"), k))
     head = ("| algorithm | seeds | NFE rollout / train per sample | s / iter vs dance_grpo | train reward first → last"
             f" | reward at {rows[0]['equal_time_s']:.0f} s | held-out (base {base['overall']:.3f}) | gain | "
-            + " | ".join(a.split("/", 1)[1] for a in attrs) + " |")
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(attrs)]
+            + " | ".join(a.split("/", 1)[1] for a in attrs) + " | largest quality fall |")
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * (len(attrs) + 1)]
     for r in rows:
         comps = " | ".join(f"{r['eval_components'][a]:.3f}" for a in attrs)
         lines.append(f"| {r['variant']} | {r['seeds']} | {r['nfe_rollout']:.2f} / {r['nfe_train']:.0f} | "
                      f"{r['time_ratio']:.2f}x | {r['train_reward_first']:.3f} → {r['train_reward_last']:.3f} | "
                      f"{r['reward_at_equal_time']:.3f} | {r['eval']:.3f} ± {r['eval_sd']:.3f} | "
-                     f"{r['eval_gain']:+.3f} | {comps} |")
+                     f"{r['eval_gain']:+.3f} | {comps} | {r['quality_drop']:+.3f} |")
     base_attrs = " | ".join(f"{base[a]:.3f}" for a in attrs)
-    lines.append(f"| base model | | | | | | {base['overall']:.3f} | | {base_attrs} |")
+    lines.append(f"| base model | | | | | | {base['overall']:.3f} | | {base_attrs} | |")
     return lines
 
 

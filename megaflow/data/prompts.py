@@ -1,15 +1,16 @@
 """Prompt sets: read once, then a deterministic batch per iteration (same on every rank).
 
 A prompt file is plain text (one prompt per line) or JSONL whose lines are
-`{"prompt": "...", "image": "path"}` for image-to-video models; image paths are relative to the
-JSONL file. Relative prompt-file paths are looked up in the working directory, then among the
+`{"prompt": "...", "image": "path", ...}`: `image` for image-to-video models (relative to the
+JSONL file), and any other fields are the prompt's metadata, handed to the rewards with each of
+its videos (GenEval-style `{"prompt": ..., "tag": ..., "include": [...]}`). Relative prompt-file paths are looked up in the working directory, then among the
 files that ship with the built-in recipes.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -36,14 +37,19 @@ class PromptSet:
     per epoch and a resumed run picks up exactly where it stopped.
     """
 
-    def __init__(self, prompts: Sequence[str], *, seed: int = 0, images: Sequence[Path] | None = None) -> None:
+    def __init__(self, prompts: Sequence[str], *, seed: int = 0, images: Sequence[Path] | None = None,
+                 metadata: Sequence[dict[str, Any]] | None = None) -> None:
         if images is not None and len(images) != len(prompts):
             raise DataError(f"{len(prompts)} prompts but {len(images)} images; every prompt needs one image")
+        if metadata is not None and len(metadata) != len(prompts):
+            raise DataError(f"{len(prompts)} prompts but {len(metadata)} metadata records")
         keep = [i for i, p in enumerate(prompts) if p.strip()]
         if not keep:
             raise DataError("the prompt set is empty: give data.prompt_file (one prompt per line) or data.prompts")
         self.prompts = [prompts[i].strip() for i in keep]
         self.images = None if images is None else [Path(images[i]) for i in keep]
+        #: Each prompt's metadata (the JSONL record's other fields; empty for plain prompts).
+        self.metadata = [dict(metadata[i]) if metadata is not None else {} for i in keep]
         self.seed = seed
 
     @classmethod
@@ -58,7 +64,7 @@ class PromptSet:
             raise DataError(f"prompt file '{path}' is empty; it needs one prompt per line")
         if path.suffix != ".jsonl":
             return cls(lines, seed=seed)
-        prompts, images = [], []
+        prompts, images, metadata = [], [], []
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
@@ -70,13 +76,14 @@ class PromptSet:
                                 f"{line[:80]!r} ({exc})") from exc
             prompts.append(prompt)
             images.append(None if image is None else path.parent / image)
+            metadata.append({k: v for k, v in record.items() if k not in ("prompt", "image")})
         if all(i is None for i in images):
-            return cls(prompts, seed=seed)
+            return cls(prompts, seed=seed, metadata=metadata)
         missing = [str(i) for i in images if i is None or not i.is_file()]
         if missing:
             raise DataError(f"{path}: {len(missing)} image(s) missing, e.g. {missing[0]}; every record of an "
                             "image-to-video prompt file needs an existing \"image\" (relative to the file)")
-        return cls(prompts, seed=seed, images=images)
+        return cls(prompts, seed=seed, images=images, metadata=metadata)
 
     def __len__(self) -> int:
         return len(self.prompts)

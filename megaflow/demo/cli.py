@@ -44,6 +44,7 @@ def _eval(args: argparse.Namespace) -> int:
                        show_progress=not args.no_progress, ema=not args.no_ema)
     seconds = time.perf_counter() - t0
     print(format_table(reports, len(prompts), args.samples))
+    prompts = prompts.prompts
     out_dir = Path(cfg.output_dir) / "eval"
     image = save_comparison(reports, prompts, args.samples, args.image or out_dir / "base_vs_trained.png")
     extra = {"config": args.config, "checkpoint": args.checkpoint, "prompts": prompts, "samples": args.samples,

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import torch
 
 from megaflow.config import Config
+from megaflow.data.prompts import PromptSet
 from megaflow.errors import DataError, ModelLoadError
 from megaflow.models import get_adapter, resolve_model_path
 from megaflow.models.base import Conditioning, ModelAdapter
@@ -29,6 +30,9 @@ from megaflow.sampling import flow_sigmas, step
 from megaflow.seeds import generator
 from megaflow.trainer.ema import read_ema, weights_used
 from megaflow.trainer.state import COMPLETE_MARKER, complete_checkpoints
+
+#: The shapes world's held-out prompts (`megaflow.demo.world.split_prompts(0)[1]`) with their attributes.
+HELD_OUT_PROMPTS = "demo_heldout.jsonl"
 
 #: Files that mark a training checkpoint (see `megaflow.trainer.state`).
 
@@ -42,12 +46,14 @@ class EvalReport:
     components: dict[str, float]
     per_prompt: dict[str, float]
     videos: torch.Tensor = field(repr=False)  #: [P·S, F, 3, H, W] in [0, 1], prompt-major
-    weights: str = "base"  #: "base", or a checkpoint's "ema" or raw "trained" weights
+    weights: str = "base"  #: "base", or a checkpoint's "ema" or raw "trained" weights; "renderer" for truth
+    #: Each prompt's components (scores, sub-scores and monitored metrics such as `quality/*`).
+    per_prompt_components: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready scores (no videos)."""
         return {"model": self.label, "weights": self.weights, "overall": self.overall, "components": self.components,
-                "per_prompt": self.per_prompt}
+                "per_prompt": self.per_prompt, "per_prompt_components": self.per_prompt_components}
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -133,56 +139,67 @@ def sample_videos(adapter: ModelAdapter, cfg: Config, prompts: Sequence[str], sa
     return torch.cat(out)
 
 
-def score_videos(cfg: Config, videos: torch.Tensor, prompts: Sequence[str], samples: int, label: str) -> EvalReport:
-    """Score `videos [P·S, F, 3, H, W]` with the recipe's rewards (and the shapes reward's attributes)."""
+def score_videos(cfg: Config, videos: torch.Tensor, prompts: PromptSet, samples: int, label: str) -> EvalReport:
+    """Score `videos [P·S, F, 3, H, W]` of `prompts` with the recipe's rewards (and their sub-scores,
+    e.g. the shapes verifier's attributes)."""
     rewards = RewardSet(cfg.reward.components, cfg.reward.options)
-    texts = [p for p in prompts for _ in range(samples)]
-    meta = [{"prompt_slot": i // samples, "sample": i % samples} for i in range(len(texts))]
-    comps = rewards(videos, texts, meta)
-    total = rewards.weighted_sum(comps)
-    components = {name: float(v.mean()) for name, v in comps.items()}
-    for name, reward in rewards.rewards.items():
-        if hasattr(reward, "attribute_scores"):
-            for attr, v in reward.attribute_scores(videos, texts).items():
-                components[f"{name}/{attr}"] = float(v.mean())
-    per_prompt = {p: float(total[i * samples:(i + 1) * samples].mean()) for i, p in enumerate(prompts)}
-    return EvalReport(label=label, overall=float(total.mean()), components=components, per_prompt=per_prompt,
-                      videos=videos)
+    texts = [p for p in prompts.prompts for _ in range(samples)]
+    meta = [{**prompts.metadata[i // samples], "prompt_slot": i // samples, "sample": i % samples}
+            for i in range(len(texts))]
+    scores = rewards.score(videos, texts, meta)
+    total = rewards.weighted_sum(scores.components)
+    values = {**scores.components, **scores.details, **rewards.monitor(videos, texts, meta)}
+    rows = {p: slice(i * samples, (i + 1) * samples) for i, p in enumerate(prompts.prompts)}
+    return EvalReport(label=label, overall=float(total.mean()),
+                      components={k: float(v.mean()) for k, v in values.items()},
+                      per_prompt={p: float(total[r].mean()) for p, r in rows.items()}, videos=videos,
+                      per_prompt_components={p: {k: float(v[r].mean()) for k, v in values.items()}
+                                             for p, r in rows.items()})
 
 
-def eval_prompts(cfg: Config, prompt_file: str | None = None) -> list[str]:
-    """The prompts to evaluate: `prompt_file`, else the shapes world's held-out split when the recipe
-    uses the `shapes` reward, else the recipe's own prompts."""
+def ground_truth_videos(cfg: Config, prompts: PromptSet, samples: int, seed: int) -> torch.Tensor:
+    """Clips of the shapes world's renderer for each prompt (`samples` each, prompt-major), the
+    reference every score and quality metric is calibrated on: `[P·S, F, 3, H, W]`."""
+    from megaflow.demo.verifier import target
+    from megaflow.demo.world import render_clip
+
+    v = cfg.video
+    return torch.stack([render_clip(target(p, m), seed, k, v.frames, v.height, v.width)
+                        for p, m in zip(prompts.prompts, prompts.metadata) for k in range(samples)])
+
+
+def eval_prompts(cfg: Config, prompt_file: str | None = None) -> PromptSet:
+    """The prompts to evaluate (with their metadata): `prompt_file` (text or JSONL), else the shapes
+    world's held-out split when the recipe uses the `shapes` reward, else the recipe's own prompts."""
     if prompt_file:
-        path = Path(prompt_file)
-        if not path.is_file():
-            raise DataError(f"prompt file '{path}' does not exist; give a text file with one prompt per line")
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    elif "shapes" in cfg.reward.components:
-        from megaflow.demo.world import split_prompts
-
-        prompts = split_prompts(0)[1]
-    elif cfg.data.prompt_file:
-        return eval_prompts(cfg, cfg.data.prompt_file)
-    else:
-        prompts = [p.strip() for p in cfg.data.prompts if p.strip()]
-    if not prompts:
-        raise DataError("no evaluation prompts: give --prompts FILE with one prompt per line")
-    return prompts
+        if not Path(prompt_file).is_file():
+            raise DataError(f"prompt file '{prompt_file}' does not exist; give a text file with one prompt per "
+                            "line (or JSONL prompt records)")
+        return PromptSet.from_file(prompt_file)
+    if "shapes" in cfg.reward.components:
+        return PromptSet.from_file(HELD_OUT_PROMPTS)
+    if cfg.data.prompt_file:
+        return PromptSet.from_file(cfg.data.prompt_file)
+    return PromptSet(cfg.data.prompts)
 
 
 def evaluate(cfg: Config, checkpoint: str | Path | None = None, *, prompt_file: str | None = None, samples: int = 4,
              seed: int = 1234, show_progress: bool = True, ema: bool = True) -> list[EvalReport]:
-    """Evaluate the base model, and the trained one when `checkpoint` is given: `[base, trained?]`;
-    the trained report's `weights` says whether the checkpoint's EMA ("ema", the default when it
-    has one and `ema`) or its raw weights ("trained") were evaluated."""
+    """Evaluate the base model, and the trained one when `checkpoint` is given: `[truth?, base,
+    trained?]`; `truth`, the renderer's clips of the same prompts, comes first when the recipe uses
+    the shapes world's verifier. The trained report's `weights` says whether the checkpoint's EMA
+    ("ema", the default when it has one and `ema`) or its raw weights ("trained") were evaluated."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ckpt = find_checkpoint(checkpoint) if checkpoint is not None else None
     prompts = eval_prompts(cfg, prompt_file)
     reports = []
+    if "shapes" in cfg.reward.components:
+        report = score_videos(cfg, ground_truth_videos(cfg, prompts, samples, seed), prompts, samples, "truth")
+        report.weights = "renderer"
+        reports.append(report)
     for label, path in [("base", None)] + ([("trained", ckpt)] if ckpt is not None else []):
         adapter = load_model(cfg, path, device, ema=ema)
-        videos = sample_videos(adapter, cfg, prompts, samples, seed, show_progress=show_progress, desc=f"eval {label}")
+        videos = sample_videos(adapter, cfg, prompts.prompts, samples, seed, show_progress=show_progress, desc=f"eval {label}")
         report = score_videos(cfg, videos, prompts, samples, label)
         report.weights = "base" if path is None else weights_used(path, ema)
         reports.append(report)
@@ -193,7 +210,7 @@ def format_table(reports: Sequence[EvalReport], prompts: int, samples: int) -> s
     """A plain-text table: one row per score (overall, then components), one column per model."""
     names = ["overall"] + list(reports[0].components)
     width = max(len(n) for n in names) + 2
-    used = [f"{r.label}: {r.weights} weights" for r in reports if r.weights != "base"]
+    used = [f"{r.label}: {r.weights} weights" for r in reports if r.weights not in ("base", "renderer")]
     lines = [f"{prompts} prompts × {samples} samples, ODE sampling" + (f" ({'; '.join(used)})" if used else ""),
              "".ljust(width) + "".join(r.label.rjust(10) for r in reports)]
     for n in names:

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from megaflow.demo.world import COLORS, DIRECTIONS, SHAPES, parse_prompt
+from megaflow.demo.world import COLORS, DIRECTIONS, SHAPES, Attributes, parse_prompt
 from megaflow.errors import ConfigError
 from megaflow.rewards.base import register_reward
 
@@ -56,9 +56,8 @@ class Estimate:
     shape_probs: dict[str, float] = field(default_factory=dict)  #: soft shape credit per shape
     travel: tuple[float, float] = (0.0, 0.0)  #: the object's (dx, dy) over the clip, pixels
 
-    def soft_matches(self, prompt: str) -> dict[str, float]:
-        """Attribute name → partial credit in [0, 1] for the prompt's colour, shape and direction."""
-        target = parse_prompt(prompt)
+    def soft_matches(self, target: Attributes) -> dict[str, float]:
+        """Attribute name → partial credit in [0, 1] for the target's colour, shape and direction."""
         dx, dy = self.travel
         ux, uy = DIRECTIONS[target.direction]
         length = math.hypot(dx, dy)
@@ -66,9 +65,8 @@ class Estimate:
         return {"color": self.color_probs.get(target.color, 0.0), "shape": self.shape_probs.get(target.shape, 0.0),
                 "direction": direction}
 
-    def matches(self, prompt: str) -> dict[str, float]:
-        """Attribute name → 1.0 if it matches the prompt's, else 0.0."""
-        target = parse_prompt(prompt)
+    def matches(self, target: Attributes) -> dict[str, float]:
+        """Attribute name → 1.0 if it matches the target's, else 0.0."""
         return {a: float(getattr(self, a) == getattr(target, a)) for a in ATTRIBUTES}
 
 
@@ -174,13 +172,40 @@ class ShapesReward:
         total = float(sum(weights.values()))
         self.weights = {a: float(weights.get(a, 0.0)) / total for a in ATTRIBUTES}
 
-    def attribute_scores(self, videos: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+    def attribute_scores(self, videos: torch.Tensor, prompts: list[str],
+                         metadata: list[dict[str, Any]] | None = None) -> dict[str, torch.Tensor]:
         """Per-attribute matches of videos `[B, F, 3, H, W]`: attribute → float32 `[B]` of 0/1
-        (partial credit in [0, 1] with `soft`)."""
-        rows = [estimate(v).soft_matches(p) if self.soft else estimate(v).matches(p) for v, p in zip(videos, prompts)]
+        (partial credit in [0, 1] with `soft`), against each prompt's attributes (`target`)."""
+        metadata = metadata or [{} for _ in prompts]
+        rows = []
+        for video, prompt, meta in zip(videos.float(), prompts, metadata):
+            found, want = estimate(video), target(prompt, meta)
+            rows.append(found.soft_matches(want) if self.soft else found.matches(want))
         return {a: torch.tensor([r[a] for r in rows], dtype=torch.float32) for a in ATTRIBUTES}
 
-    def __call__(self, videos: torch.Tensor, prompts: list[str], metadata: list[dict[str, Any]]) -> torch.Tensor:
-        """Weighted fraction of matched attributes of videos `[B, F, 3, H, W]`: float32 `[B]`."""
-        scores = self.attribute_scores(videos, prompts)
-        return sum(self.weights[a] * scores[a] for a in ATTRIBUTES)
+    def __call__(self, videos: torch.Tensor, prompts: list[str],
+                 metadata: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Weighted fraction of matched attributes of videos `[B, F, 3, H, W]` (`score`, float32
+        `[B]`) and each attribute's match as a sub-score."""
+        scores = self.attribute_scores(videos, prompts, metadata)
+        return {"score": sum(self.weights[a] * scores[a] for a in ATTRIBUTES), **scores}
+
+    def monitor(self, videos: torch.Tensor, prompts: list[str],
+                metadata: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """The world's quality metrics (`megaflow.demo.quality`), which watch for reward hacking."""
+        from megaflow.demo.quality import quality
+
+        return quality(videos, [{"shape": target(p, m).shape} for p, m in zip(prompts, metadata)])
+
+
+def target(prompt: str, metadata: dict[str, Any]) -> Attributes:
+    """What a video should show: the prompt record's `color`, `shape` and `direction` fields when it
+    has them (JSONL prompt files), else the attributes parsed from the caption."""
+    if all(a in metadata for a in ATTRIBUTES):
+        want = Attributes(*(str(metadata[a]) for a in ATTRIBUTES))
+        for name, value, valid in (("color", want.color, COLORS), ("shape", want.shape, SHAPES),
+                                   ("direction", want.direction, DIRECTIONS)):
+            if value not in valid:
+                raise ValueError(f"prompt {prompt!r}: metadata {name} {value!r} is not one of {', '.join(valid)}")
+        return want
+    return parse_prompt(prompt)

@@ -140,6 +140,15 @@ class ModelAdapter(abc.ABC):
     default_embedded_guidance: ClassVar[float | None] = None
     #: Whether the family is image-to-video: every prompt comes with an image (`image_conditioning`).
     needs_image: ClassVar[bool] = False
+    #: Whether the transformer never reads the text embeddings where the mask is 0 (padding is
+    #: masked out of every attention and pooling), so a text cache may store only the masked-in
+    #: tokens and restore the padding as zeros (`megaflow.data.text_cache`).
+    text_padding_masked: ClassVar[bool] = False
+    #: I2V families: the `extra` key of the image conditioning that depends on the image alone,
+    #: through a frozen image encoder (`encode_images`), so a text cache can hold it; None: none.
+    cached_image_key: ClassVar[str | None] = None
+    #: The model folder the adapter was loaded from (`from_pretrained` sets it).
+    model_path: Path | None = None
     #: The diffusers pipeline class whose `save_lora_weights` / `load_lora_weights` layout LoRA uses.
     pipeline_class: ClassVar[str]
 
@@ -161,13 +170,15 @@ class ModelAdapter(abc.ABC):
     def from_pretrained(
         cls, path: str | Path, *, dtype: torch.dtype, device: torch.device | str,
         transformer_dtype: torch.dtype | None = None,
-        transformer_loader: Any = None,
+        transformer_loader: Any = None, text_encoders: bool = True,
     ) -> "ModelAdapter":
         """Load every component from a local diffusers-format folder.
 
         `dtype` is used for the frozen parts (VAE, text encoders); `transformer_dtype`
         (default `dtype`) for the transformer; `transformer_loader(cls, folder, dtype)`, if
-        given, builds the transformer (ZeRO-3: partitioned under `deepspeed.zero.Init`). Raises
+        given, builds the transformer (ZeRO-3: partitioned under `deepspeed.zero.Init`).
+        `text_encoders=False` leaves the frozen prompt encoders (`encoder_loaders`) unread: the
+        prompts then come from a text cache and `encode_prompts` raises. Raises
         `ModelLoadError` naming a missing component and how to provide it.
         """
 
@@ -188,7 +199,8 @@ class ModelAdapter(abc.ABC):
 
     @abc.abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents `[B, C, F, H, W]` → videos `float [B, F, 3, H, W]` in [0, 1]."""
+        """Latents `[B, C, F, H, W]` → videos `[B, F, 3, H, W]` in [0, 1], in the VAE's dtype on its
+        device (they stay there until a reward needs them elsewhere)."""
 
     @property
     @abc.abstractmethod
@@ -229,6 +241,88 @@ class ModelAdapter(abc.ABC):
         from megaflow.errors import ConfigError
 
         raise ConfigError(f"model family '{self.family}' is text-to-video and takes no conditioning image")
+
+    # ---- frozen prompt encoders and the text cache -------------------------------------
+    @classmethod
+    def encoder_loaders(cls, dtype: torch.dtype) -> dict[str, Any]:
+        """The frozen prompt encoders: attribute (and subfolder) name → `load(folder)` in `dtype`.
+        The text encoders, and for Wan I2V its CLIP image encoder: what a text cache replaces and
+        `from_pretrained(text_encoders=False)` leaves unloaded (the attributes are then None)."""
+        return {}
+
+    @classmethod
+    def load_encoders(cls, path: Path, dtype: torch.dtype, device: torch.device) -> dict[str, nn.Module]:
+        """The frozen prompt encoders of the folder, loaded on `device`, frozen, in eval mode."""
+        return {name: cls.load_component(path, name, load).to(device).requires_grad_(False).eval()
+                for name, load in cls.encoder_loaders(dtype).items()}
+
+    @property
+    def has_text_encoders(self) -> bool:
+        """Whether every frozen prompt encoder is loaded."""
+        return all(getattr(self, name, None) is not None for name in self.encoder_loaders(self.dtype))
+
+    def load_text_encoders(self) -> None:
+        """Load the prompt encoders a `text_encoders=False` load left out (from `model_path`)."""
+        if self.has_text_encoders:
+            return
+        if self.model_path is None:
+            raise RuntimeError("load_text_encoders needs the adapter's model_path (set by from_pretrained)")
+        for name, module in self.load_encoders(self.model_path, self.dtype, self.device).items():
+            setattr(self, name, module)
+
+    def unload_text_encoders(self) -> None:
+        """Drop the prompt encoders (their memory is freed once nothing else refers to them)."""
+        for name in self.encoder_loaders(self.dtype):
+            setattr(self, name, None)
+
+    def require_text_encoders(self) -> None:
+        """`ModelLoadError` unless the prompt encoders are loaded (called before encoding)."""
+        from megaflow.errors import ModelLoadError
+
+        if not self.has_text_encoders:
+            missing = [n for n in self.encoder_loaders(self.dtype) if getattr(self, n, None) is None]
+            raise ModelLoadError(
+                f"the {self.family} model was loaded without its prompt encoders ({', '.join(missing)}), as a run "
+                "with data.text_cache loads it, so it cannot encode prompts: they come from the text cache "
+                "(megaflow.data.text_cache; `megaflow preprocess` fills it), or call load_text_encoders() first")
+
+    def text_settings(self) -> dict[str, Any]:
+        """The encoding parameters besides the encoder and tokenizer files that decide the prompt
+        embeddings (sequence length, template, ...): part of `text_fingerprint`."""
+        return {"max_sequence_length": getattr(self, "max_sequence_length", None)}
+
+    def text_fingerprint(self) -> dict[str, Any]:
+        """What the prompt embeddings are a function of, besides the prompt: the family, the frozen
+        dtype, `text_settings`, the sha256 of each prompt encoder's `config.json` and of every
+        tokenizer / image-processor file, and the names and sizes of the encoders' weight files.
+        The weights themselves are never read (an adapter loaded with `text_encoders=False` has it)."""
+        import hashlib
+
+        if self.model_path is None:
+            raise RuntimeError("text_fingerprint needs the adapter's model_path (set by from_pretrained)")
+        root = Path(self.model_path)
+        files: dict[str, str] = {}
+        weights: dict[str, int] = {}
+        processors = [c for c in self.components if c.startswith("tokenizer") or c == "image_processor"]
+        for name in list(self.encoder_loaders(self.dtype)) + processors:
+            folder = root / name
+            for f in sorted(folder.rglob("*")) if folder.is_dir() else []:
+                rel = f.relative_to(root).as_posix()
+                if not f.is_file():
+                    continue
+                if name in processors or f.name == "config.json":
+                    files[rel] = hashlib.sha256(f.read_bytes()).hexdigest()
+                elif f.suffix in (".safetensors", ".bin", ".pt", ".pth"):
+                    weights[rel] = f.stat().st_size
+        return {"family": self.family, "dtype": str(self.dtype).removeprefix("torch."),
+                "settings": self.text_settings(), "files": files, "weights": weights}
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """I2V families with a `cached_image_key`: that entry `[P, ...]` of conditioning images
+        `[P, 3, H, W]` in [0, 1] (the frozen image encoder's part of `image_conditioning`)."""
+        from megaflow.errors import ConfigError
+
+        raise ConfigError(f"model family '{self.family}' has no image encoder output to cache")
 
     @classmethod
     def attention_heads(cls, path: str | Path) -> int:

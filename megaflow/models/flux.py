@@ -57,14 +57,14 @@ def image_latent_grid(family: str, vae: AutoencoderKL, frames: int, height: int,
 
 @torch.no_grad()
 def decode_image_latents(vae: AutoencoderKL, latents: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Latents `[B, C, 1, H, W]` → images `float32 [B, 1, 3, H', W']` in [0, 1]: the FLUX / SD3
+    """Latents `[B, C, 1, H, W]` → images `[B, 1, 3, H', W']` in [0, 1] in the VAE's dtype: the FLUX / SD3
     pipelines' `vae.decode(latents / scaling_factor + shift_factor)` and `postprocess(output_type="pt")`."""
     if latents.ndim != 5 or latents.shape[2] != 1:
         raise ValueError(f"image latents must be [B, C, 1, H, W]; got shape {tuple(latents.shape)}")
     z = latents[:, :, 0].to(device, vae.dtype)
     z = z / vae.config.scaling_factor + vae.config.shift_factor
     image = vae.decode(z, return_dict=False)[0]
-    return (image.float() * 0.5 + 0.5).clamp(0, 1).unsqueeze(1)
+    return (image * 0.5 + 0.5).clamp(0, 1).unsqueeze(1)
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
@@ -136,8 +136,9 @@ class FluxAdapter(ModelAdapter):
         super().__init__(transformer, device=device, dtype=dtype)
         self.transformer.requires_grad_(False).eval()
         self.vae = vae.requires_grad_(False).eval()
-        self.text_encoder = text_encoder.requires_grad_(False).eval()
-        self.text_encoder_2 = text_encoder_2.requires_grad_(False).eval()
+        #: CLIP-L and T5; None when loaded with `text_encoders=False` (prompts from a text cache).
+        self.text_encoder = None if text_encoder is None else text_encoder.requires_grad_(False).eval()
+        self.text_encoder_2 = None if text_encoder_2 is None else text_encoder_2.requires_grad_(False).eval()
         self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
         if max_sequence_length is None:
             max_sequence_length = min(int(tokenizer_2.model_max_length), FLUX_MAX_SEQUENCE_LENGTH)
@@ -145,29 +146,38 @@ class FluxAdapter(ModelAdapter):
         self.max_sequence_length = max_sequence_length
 
     @classmethod
+    def encoder_loaders(cls, dtype: torch.dtype) -> dict[str, Callable[[Path], nn.Module]]:
+        """CLIP-L and T5."""
+        return {"text_encoder": lambda p: CLIPTextModel.from_pretrained(p, dtype=dtype),
+                "text_encoder_2": lambda p: T5EncoderModel.from_pretrained(p, dtype=dtype)}
+
+    @classmethod
     def from_pretrained(
         cls, path: str | Path, *, dtype: torch.dtype, device: torch.device | str,
         transformer_dtype: torch.dtype | None = None, transformer_loader: TransformerLoader | None = None,
+        text_encoders: bool = True,
     ) -> "FluxAdapter":
         """Load a local diffusers-format FLUX folder; frozen parts in `dtype`, transformer in
-        `transformer_dtype` (default `dtype`), built by `transformer_loader` if given (ZeRO-3)."""
+        `transformer_dtype` (default `dtype`), built by `transformer_loader` if given (ZeRO-3).
+        `text_encoders=False` never reads the text encoders' weights (a text cache gives the prompts)."""
         path, device = Path(path).expanduser(), torch.device(device)
         cls.check_folder(path)
         transformer = load_transformer(cls, path, FluxTransformer2DModel, transformer_dtype or dtype,
                                        transformer_loader)
         vae = cls.load_component(path, "vae", lambda p: AutoencoderKL.from_pretrained(p, torch_dtype=dtype))
-        text_encoder = cls.load_component(path, "text_encoder", lambda p: CLIPTextModel.from_pretrained(p, dtype=dtype))
+        encoders = cls.load_encoders(path, dtype, device) if text_encoders else dict.fromkeys(cls.encoder_loaders(dtype))
         tokenizer = cls.load_component(path, "tokenizer", AutoTokenizer.from_pretrained)
-        text_encoder_2 = cls.load_component(path, "text_encoder_2",
-                                            lambda p: T5EncoderModel.from_pretrained(p, dtype=dtype))
         tokenizer_2 = cls.load_component(path, "tokenizer_2", AutoTokenizer.from_pretrained)
-        return cls(transformer.to(device), vae.to(device), text_encoder.to(device), tokenizer,
-                   text_encoder_2.to(device), tokenizer_2, device=device, dtype=dtype)
+        adapter = cls(transformer.to(device), vae.to(device), encoders["text_encoder"], tokenizer,
+                      encoders["text_encoder_2"], tokenizer_2, device=device, dtype=dtype)
+        adapter.model_path = path
+        return adapter
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> TextConditioning:
         """T5 hidden states `[B, max_sequence_length, D]` (no mask: FLUX attends to every token,
         padding included) and CLIP's pooled output `[B, P]`, as `FluxPipeline.encode_prompt`."""
+        self.require_text_encoders()
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         clip_ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
                                   truncation=True, return_tensors="pt").input_ids
@@ -220,7 +230,7 @@ class FluxAdapter(ModelAdapter):
             FluxSequenceParallel(self._reference, group)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents `[B, C, 1, H, W]` → images `float32 [B, 1, 3, 8H, 8W]` in [0, 1] (FluxPipeline's decode)."""
+        """Latents `[B, C, 1, H, W]` → images `[B, 1, 3, 8H, 8W]` in [0, 1] in the VAE's dtype (FluxPipeline's decode)."""
         return decode_image_latents(self.vae, latents, self.device)
 
     @property

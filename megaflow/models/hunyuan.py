@@ -128,16 +128,21 @@ class HunyuanVideoAdapter(ModelAdapter):
         "--local-dir {path}`, or use model.path=tiny for the tiny test model")
     default_lora_targets: ClassVar[str] = HUNYUAN_LORA_TARGETS
     default_embedded_guidance: ClassVar[float | None] = 6.0
+    #: The token refiner pools and attends over the masked-in text tokens only, and the blocks'
+    #: joint attention masks the padding: the padded embeddings never reach the video.
+    text_padding_masked: ClassVar[bool] = True
 
     def __init__(
-        self, transformer: HunyuanVideoTransformer3DModel, vae: AutoencoderKLHunyuanVideo, text_encoder: LlamaModel,
-        tokenizer: Any, text_encoder_2: CLIPTextModel, tokenizer_2: CLIPTokenizer, *, device: torch.device,
+        self, transformer: HunyuanVideoTransformer3DModel, vae: AutoencoderKLHunyuanVideo,
+        text_encoder: LlamaModel | None, tokenizer: Any, text_encoder_2: CLIPTextModel | None,
+        tokenizer_2: CLIPTokenizer, *, device: torch.device,
         dtype: torch.dtype, prompt_template: dict[str, Any] | None = None, max_sequence_length: int | None = None,
     ) -> None:
         super().__init__(transformer, device=device, dtype=dtype)
         self.vae = vae.requires_grad_(False).eval()
-        self.text_encoder = text_encoder.requires_grad_(False).eval()
-        self.text_encoder_2 = text_encoder_2.requires_grad_(False).eval()
+        #: The text encoders; None when loaded with `text_encoders=False` (prompts from a text cache).
+        self.text_encoder = None if text_encoder is None else text_encoder.requires_grad_(False).eval()
+        self.text_encoder_2 = None if text_encoder_2 is None else text_encoder_2.requires_grad_(False).eval()
         self.tokenizer = tokenizer
         self.tokenizer_2 = tokenizer_2
         self.transformer.requires_grad_(False).eval()
@@ -163,14 +168,27 @@ class HunyuanVideoAdapter(ModelAdapter):
                                  "use model.family=skyreels_i2v for SkyReels-V1 I2V")
 
     @classmethod
+    def encoder_loaders(cls, dtype: torch.dtype) -> dict[str, Callable[[Path], nn.Module]]:
+        """Llama and CLIP-L."""
+        return {"text_encoder": lambda p: LlamaModel.from_pretrained(p, dtype=dtype),
+                "text_encoder_2": lambda p: CLIPTextModel.from_pretrained(p, dtype=dtype)}
+
+    def text_settings(self) -> dict[str, Any]:
+        """The prompt template, its crop, the prompt length, the Llama layer and CLIP's length."""
+        return {"template": self.prompt_template["template"], "crop_start": int(self.prompt_template["crop_start"]),
+                "max_sequence_length": self.max_sequence_length, "llama_layers_to_skip": LLAMA_LAYERS_TO_SKIP,
+                "clip_max_length": CLIP_MAX_LENGTH}
+
+    @classmethod
     def from_pretrained(
         cls, path: str | Path, *, dtype: torch.dtype, device: torch.device | str,
         transformer_dtype: torch.dtype | None = None,
-        transformer_loader: Callable[[type, Path, torch.dtype], nn.Module] | None = None,
+        transformer_loader: Callable[[type, Path, torch.dtype], nn.Module] | None = None, text_encoders: bool = True,
     ) -> "HunyuanVideoAdapter":
         """Load a local diffusers-format folder; frozen parts in `dtype`, transformer in
         `transformer_dtype` (default `dtype`). `transformer_loader(cls, folder, dtype)` replaces
-        `from_pretrained` for the transformer (ZeRO-3 builds it partitioned)."""
+        `from_pretrained` for the transformer (ZeRO-3 builds it partitioned). `text_encoders=False`
+        never reads the text encoders' weights (a text cache gives the prompt embeddings)."""
         path, device = Path(path).expanduser(), torch.device(device)
         cls.check_folder(path)
         template, max_length = read_text_settings(path)
@@ -186,14 +204,13 @@ class HunyuanVideoAdapter(ModelAdapter):
             transformer=transformer.to(device),
             vae=cls.load_component(path, "vae", lambda p: AutoencoderKLHunyuanVideo.from_pretrained(
                 p, torch_dtype=dtype)).to(device),
-            text_encoder=cls.load_component(path, "text_encoder", lambda p: LlamaModel.from_pretrained(
-                p, dtype=dtype)).to(device),
             tokenizer=cls.load_component(path, "tokenizer", AutoTokenizer.from_pretrained),
-            text_encoder_2=cls.load_component(path, "text_encoder_2", lambda p: CLIPTextModel.from_pretrained(
-                p, dtype=dtype)).to(device),
             tokenizer_2=cls.load_component(path, "tokenizer_2", CLIPTokenizer.from_pretrained),
+            **(cls.load_encoders(path, dtype, device) if text_encoders else dict.fromkeys(cls.encoder_loaders(dtype))),
         )
-        return cls(**parts, device=device, dtype=dtype, prompt_template=template, max_sequence_length=max_length)
+        adapter = cls(**parts, device=device, dtype=dtype, prompt_template=template, max_sequence_length=max_length)
+        adapter.model_path = path
+        return adapter
 
     # ---- text --------------------------------------------------------------------------
     @torch.no_grad()
@@ -202,6 +219,7 @@ class HunyuanVideoAdapter(ModelAdapter):
         (the template's first `crop_start` tokens cut off), CLIP-L pooled vectors `[B, P]`, all as
         `HunyuanVideoPipeline.encode_prompt`. `ValueError` for a prompt with no token left after the
         crop (the transformer would divide by an empty mask)."""
+        self.require_text_encoders()
         if isinstance(prompts, str):
             prompts = [prompts]
         embeds, mask = self._llama_embeds(prompts)
@@ -303,12 +321,12 @@ class HunyuanVideoAdapter(ModelAdapter):
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents `[B, C, F, H, W]` → `float32 [B, F', 3, H', W']` in [0, 1] (the pipelines' decode:
+        """Latents `[B, C, F, H, W]` → `[B, F', 3, H', W']` in [0, 1] in the VAE's dtype (the pipelines' decode:
         `latents / scaling_factor`, no mean / std)."""
         vae = self.vae
         z = latents.to(self.device, vae.dtype) / vae.config.scaling_factor
         video = vae.decode(z, return_dict=False)[0]
-        return (video.float() * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4).contiguous()
+        return (video * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4).contiguous()
 
     @property
     def block_classes(self) -> tuple[type[nn.Module], ...]:

@@ -61,9 +61,9 @@ class SD3Adapter(ModelAdapter):
         super().__init__(transformer, device=device, dtype=dtype)
         self.transformer.requires_grad_(False).eval()
         self.vae = vae.requires_grad_(False).eval()
-        self.text_encoder = text_encoder.requires_grad_(False).eval()
-        self.text_encoder_2 = text_encoder_2.requires_grad_(False).eval()
-        self.text_encoder_3 = text_encoder_3.requires_grad_(False).eval()
+        #: CLIP-L, CLIP-G and T5; None when loaded with `text_encoders=False` (prompts from a text cache).
+        self.text_encoder, self.text_encoder_2, self.text_encoder_3 = (
+            None if e is None else e.requires_grad_(False).eval() for e in (text_encoder, text_encoder_2, text_encoder_3))
         self.tokenizer, self.tokenizer_2, self.tokenizer_3 = tokenizer, tokenizer_2, tokenizer_3
         if max_sequence_length is None:
             max_sequence_length = min(int(tokenizer_3.model_max_length), SD3_MAX_SEQUENCE_LENGTH)
@@ -71,23 +71,31 @@ class SD3Adapter(ModelAdapter):
         self.max_sequence_length = max_sequence_length
 
     @classmethod
+    def encoder_loaders(cls, dtype: torch.dtype) -> dict[str, Any]:
+        """CLIP-L, CLIP-G and T5."""
+        clip = partial(CLIPTextModelWithProjection.from_pretrained, dtype=dtype)
+        return {"text_encoder": clip, "text_encoder_2": clip,
+                "text_encoder_3": partial(T5EncoderModel.from_pretrained, dtype=dtype)}
+
+    @classmethod
     def from_pretrained(
         cls, path: str | Path, *, dtype: torch.dtype, device: torch.device | str,
         transformer_dtype: torch.dtype | None = None, transformer_loader: TransformerLoader | None = None,
+        text_encoders: bool = True,
     ) -> "SD3Adapter":
         """Load a local diffusers-format SD3 folder; frozen parts in `dtype`, transformer in
-        `transformer_dtype` (default `dtype`), built by `transformer_loader` if given (ZeRO-3)."""
+        `transformer_dtype` (default `dtype`), built by `transformer_loader` if given (ZeRO-3).
+        `text_encoders=False` never reads the text encoders' weights (a text cache gives the prompts)."""
         path, device = Path(path).expanduser(), torch.device(device)
         cls.check_folder(path)
         transformer = load_transformer(cls, path, SD3Transformer2DModel, transformer_dtype or dtype, transformer_loader)
         vae = cls.load_component(path, "vae", partial(AutoencoderKL.from_pretrained, torch_dtype=dtype))
-        clip = partial(CLIPTextModelWithProjection.from_pretrained, dtype=dtype)
-        encoders = {name: cls.load_component(path, name, load).to(device) for name, load in (
-            ("text_encoder", clip), ("text_encoder_2", clip),
-            ("text_encoder_3", partial(T5EncoderModel.from_pretrained, dtype=dtype)))}
+        encoders = cls.load_encoders(path, dtype, device) if text_encoders else dict.fromkeys(cls.encoder_loaders(dtype))
         tokenizers = {name: cls.load_component(path, name, AutoTokenizer.from_pretrained)
                       for name in ("tokenizer", "tokenizer_2", "tokenizer_3")}
-        return cls(transformer.to(device), vae.to(device), **encoders, **tokenizers, device=device, dtype=dtype)
+        adapter = cls(transformer.to(device), vae.to(device), **encoders, **tokenizers, device=device, dtype=dtype)
+        adapter.model_path = path
+        return adapter
 
     def _clip(self, encoder: CLIPTextModelWithProjection, tokenizer: Any,
               prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,6 +110,7 @@ class SD3Adapter(ModelAdapter):
     def encode_prompts(self, prompts: Sequence[str]) -> TextConditioning:
         """Text `[B, 77 + max_sequence_length, D_t5]` (CLIP-L ‖ CLIP-G zero-padded to T5's width, then
         T5), no mask, and pooled `[B, P_l + P_g]`, as `StableDiffusion3Pipeline.encode_prompt`."""
+        self.require_text_encoders()
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         hidden_l, pooled_l = self._clip(self.text_encoder, self.tokenizer, prompts)
         hidden_g, pooled_g = self._clip(self.text_encoder_2, self.tokenizer_2, prompts)
@@ -154,7 +163,7 @@ class SD3Adapter(ModelAdapter):
             SD3SequenceParallel(self._reference, group)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents `[B, C, 1, H, W]` → images `float32 [B, 1, 3, 8H, 8W]` in [0, 1] (the pipeline's decode)."""
+        """Latents `[B, C, 1, H, W]` → images `[B, 1, 3, 8H, 8W]` in [0, 1] in the VAE's dtype (the pipeline's decode)."""
         return decode_image_latents(self.vae, latents, self.device)
 
     @property

@@ -48,12 +48,13 @@ class WanAdapter(ModelAdapter):
         "Wan-AI/Wan2.1-T2V-1.3B-Diffusers --local-dir {path}`, or use model.path=tiny for the tiny test model")
 
     def __init__(
-        self, transformer: WanTransformer3DModel, vae: AutoencoderKLWan, text_encoder: UMT5EncoderModel,
+        self, transformer: WanTransformer3DModel, vae: AutoencoderKLWan, text_encoder: UMT5EncoderModel | None,
         tokenizer: Any, *, device: torch.device, dtype: torch.dtype, max_sequence_length: int | None = None,
     ) -> None:
         super().__init__(transformer, device=device, dtype=dtype)
         self.vae = vae.requires_grad_(False).eval()
-        self.text_encoder = text_encoder.requires_grad_(False).eval()
+        #: None when loaded with `text_encoders=False` (prompts come from a text cache).
+        self.text_encoder = None if text_encoder is None else text_encoder.requires_grad_(False).eval()
         self.tokenizer = tokenizer
         self.transformer.requires_grad_(False).eval()
         if max_sequence_length is None:
@@ -62,9 +63,21 @@ class WanAdapter(ModelAdapter):
         self.max_sequence_length = max_sequence_length
 
     @classmethod
+    def encoder_loaders(cls, dtype: torch.dtype) -> dict[str, Callable[[Path], nn.Module]]:
+        """The UMT5 text encoder."""
+        return {"text_encoder": lambda p: UMT5EncoderModel.from_pretrained(p, dtype=dtype)}
+
+    def text_settings(self) -> dict[str, Any]:
+        """The prompt length and the prompt cleaning (ftfy's version when installed: it changes the text)."""
+        return {"max_sequence_length": self.max_sequence_length,
+                "ftfy": None if ftfy is None else getattr(ftfy, "__version__", "unknown")}
+
+    @classmethod
     def load_parts(cls, path: Path, *, dtype: torch.dtype, device: torch.device, transformer_dtype: torch.dtype | None,
-                   transformer_loader: Callable[[type, Path, torch.dtype], nn.Module] | None) -> dict[str, Any]:
-        """The components every Wan folder has, loaded (see `from_pretrained`)."""
+                   transformer_loader: Callable[[type, Path, torch.dtype], nn.Module] | None,
+                   text_encoders: bool = True) -> dict[str, Any]:
+        """The components every Wan folder has, loaded (see `from_pretrained`); the prompt encoders
+        (`encoder_loaders`) None with `text_encoders=False`."""
         cls.check_folder(path)
         if transformer_loader is None:
             transformer = cls.load_component(path, "transformer", lambda p: WanTransformer3DModel.from_pretrained(
@@ -73,25 +86,27 @@ class WanAdapter(ModelAdapter):
             transformer = cls.load_component(path, "transformer", lambda p: transformer_loader(
                 WanTransformer3DModel, p, transformer_dtype or dtype))
         vae = cls.load_component(path, "vae", lambda p: AutoencoderKLWan.from_pretrained(p, torch_dtype=dtype))
-        text_encoder = cls.load_component(path, "text_encoder", lambda p: UMT5EncoderModel.from_pretrained(
-            p, dtype=dtype))
+        encoders = (cls.load_encoders(path, dtype, device) if text_encoders
+                    else dict.fromkeys(cls.encoder_loaders(dtype)))
         tokenizer = cls.load_component(path, "tokenizer", AutoTokenizer.from_pretrained)
-        return dict(transformer=transformer.to(device), vae=vae.to(device), text_encoder=text_encoder.to(device),
-                    tokenizer=tokenizer)
+        return dict(transformer=transformer.to(device), vae=vae.to(device), tokenizer=tokenizer, **encoders)
 
     @classmethod
     def from_pretrained(
         cls, path: str | Path, *, dtype: torch.dtype, device: torch.device | str,
         transformer_dtype: torch.dtype | None = None,
-        transformer_loader: Callable[[type, Path, torch.dtype], nn.Module] | None = None,
+        transformer_loader: Callable[[type, Path, torch.dtype], nn.Module] | None = None, text_encoders: bool = True,
     ) -> "WanAdapter":
         """Load a local diffusers-format Wan folder; frozen parts in `dtype`, transformer in
         `transformer_dtype` (default `dtype`). `transformer_loader(cls, folder, dtype)` replaces
-        `from_pretrained` for the transformer (ZeRO-3 builds it partitioned)."""
-        device = torch.device(device)
-        parts = cls.load_parts(Path(path).expanduser(), dtype=dtype, device=device,
-                               transformer_dtype=transformer_dtype, transformer_loader=transformer_loader)
-        return cls(**parts, device=device, dtype=dtype)
+        `from_pretrained` for the transformer (ZeRO-3 builds it partitioned). `text_encoders=False`
+        never reads the prompt encoders' weights (a text cache gives the prompt embeddings)."""
+        device, path = torch.device(device), Path(path).expanduser()
+        parts = cls.load_parts(path, dtype=dtype, device=device, transformer_dtype=transformer_dtype,
+                               transformer_loader=transformer_loader, text_encoders=text_encoders)
+        adapter = cls(**parts, device=device, dtype=dtype)
+        adapter.model_path = path
+        return adapter
 
     @property
     def vae_scale_factor_temporal(self) -> int:
@@ -107,6 +122,7 @@ class WanAdapter(ModelAdapter):
     def encode_prompts(self, prompts: Sequence[str]) -> TextConditioning:
         """UMT5 embeddings `[B, max_sequence_length, D]` (in `dtype`), zero past each prompt's end
         (Wan attends to every text token, so no mask is passed on)."""
+        self.require_text_encoders()
         if isinstance(prompts, str):
             prompts = [prompts]
         length = self.max_sequence_length
@@ -164,12 +180,12 @@ class WanAdapter(ModelAdapter):
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents `[B, C, F, H, W]` → `float32 [B, F', 3, H', W']` in [0, 1] (WanPipeline's decode)."""
+        """Latents `[B, C, F, H, W]` → `[B, F', 3, H', W']` in [0, 1] in the VAE's dtype (WanPipeline's decode)."""
         vae = self.vae
         z = latents.to(self.device, vae.dtype)
         mean, std = self._latent_stats(z)
         video = vae.decode(z / (1.0 / std) + mean, return_dict=False)[0]
-        return (video.float() * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4).contiguous()
+        return (video * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4).contiguous()
 
     @property
     def block_classes(self) -> tuple[type[nn.Module], ...]:

@@ -62,10 +62,13 @@ class WanI2VAdapter(WanAdapter):
     #: `add_v_proj`): the path through which the image steers every block.
     default_lora_targets: ClassVar[tuple[str, ...]] = (
         "to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj")
+    #: The CLIP-vision embeddings depend on the image alone (a text cache holds them); the latent
+    #: condition depends on the VAE and the video size, and is recomputed.
+    cached_image_key: ClassVar[str | None] = IMAGE_EMBEDS
 
     def __init__(
-        self, transformer: nn.Module, vae: nn.Module, text_encoder: nn.Module, tokenizer: Any,
-        image_encoder: CLIPVisionModel, image_processor: Any, *, device: torch.device, dtype: torch.dtype,
+        self, transformer: nn.Module, vae: nn.Module, text_encoder: nn.Module | None, tokenizer: Any,
+        image_encoder: CLIPVisionModel | None, image_processor: Any, *, device: torch.device, dtype: torch.dtype,
         max_sequence_length: int | None = None,
     ) -> None:
         super().__init__(transformer, vae, text_encoder, tokenizer, device=device, dtype=dtype,
@@ -80,24 +83,32 @@ class WanI2VAdapter(WanAdapter):
         if transformer.config.image_dim is None:
             raise ModelLoadError("the transformer has no image_dim: it is a Wan text-to-video model; use "
                                  "model.family=wan, or a Wan 2.1 image-to-video folder for wan_i2v")
-        self.image_encoder = image_encoder.requires_grad_(False).eval()
+        #: None when loaded with `text_encoders=False` (the image embeddings come from a text cache).
+        self.image_encoder = None if image_encoder is None else image_encoder.requires_grad_(False).eval()
         self.image_processor = image_processor
 
     @classmethod
+    def encoder_loaders(cls, dtype: torch.dtype) -> dict[str, Callable[[Path], nn.Module]]:
+        """UMT5 and the CLIP-vision image encoder."""
+        return dict(super().encoder_loaders(dtype),
+                    image_encoder=lambda p: CLIPVisionModel.from_pretrained(p, dtype=dtype))
+
+    @classmethod
     def load_parts(cls, path: Path, *, dtype: torch.dtype, device: torch.device, transformer_dtype: torch.dtype | None,
-                   transformer_loader: Callable[[type, Path, torch.dtype], nn.Module] | None) -> dict[str, Any]:
-        """Wan's components plus `image_encoder` and `image_processor`."""
+                   transformer_loader: Callable[[type, Path, torch.dtype], nn.Module] | None,
+                   text_encoders: bool = True) -> dict[str, Any]:
+        """Wan's components plus `image_encoder` (None with `text_encoders=False`) and `image_processor`."""
         parts = super().load_parts(path, dtype=dtype, device=device, transformer_dtype=transformer_dtype,
-                                   transformer_loader=transformer_loader)
-        encoder = cls.load_component(path, "image_encoder", lambda p: CLIPVisionModel.from_pretrained(p, dtype=dtype))
+                                   transformer_loader=transformer_loader, text_encoders=text_encoders)
         processor_cls = image_processor_class(path)
         processor = cls.load_component(path, "image_processor", processor_cls.from_pretrained)
-        return dict(parts, image_encoder=encoder.to(device), image_processor=processor)
+        return dict(parts, image_processor=processor)
 
     @torch.no_grad()
     def image_embeds(self, image: torch.Tensor) -> torch.Tensor:
         """CLIP-vision embeddings `[1, L_img, D_img]` (in `dtype`) of one image `[3, H, W]` in [0, 1]:
         the penultimate hidden states, as `WanImageToVideoPipeline.encode_image` takes them."""
+        self.require_text_encoders()
         pixels = self.image_processor(images=to_pil(image), return_tensors="pt").pixel_values
         pixels = pixels.to(self.device, self.image_encoder.dtype)
         out = self.image_encoder(pixel_values=pixels, output_hidden_states=True)
@@ -120,17 +131,22 @@ class WanI2VAdapter(WanAdapter):
         mask[:, :, 0] = 1
         return torch.cat([mask, z], dim=1)
 
-    def image_conditioning(self, images: torch.Tensor,
-                           latent_shape: tuple[int, int, int, int]) -> dict[str, torch.Tensor]:
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """`image_embeds [P, L_img, D_img]` of images `[P, 3, H, W]` in [0, 1], each encoded on its own."""
+        return torch.cat([self.image_embeds(image) for image in images])
+
+    def image_conditioning(self, images: torch.Tensor, latent_shape: tuple[int, int, int, int],
+                           cached: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The `extra` of conditioning images `[P, 3, H, W]` in [0, 1] for latents of `latent_shape`:
         `image_embeds [P, L_img, D_img]` and `image_condition [P, t + C, F', h, w]`, each image encoded
-        on its own (as the pipeline does), so a prompt's conditioning never depends on the others."""
+        on its own (as the pipeline does), so a prompt's conditioning never depends on the others.
+        `cached`: the images' `image_embeds` from a text cache (the image encoder is then not run)."""
         s = self.vae_scale_factor_spatial
         size = (latent_shape[2] * s, latent_shape[3] * s)
         if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[-2:]) != size:
             raise ValueError(f"image_conditioning takes images [P, 3, {size[0]}, {size[1]}] (the video size of "
                              f"latent shape {tuple(latent_shape)}), got {tuple(images.shape)}")
-        embeds = torch.cat([self.image_embeds(image) for image in images])
+        embeds = self.encode_images(images) if cached is None else cached.to(self.device)
         condition = torch.cat([self.latent_condition(image, latent_shape) for image in images])
         return {IMAGE_EMBEDS: embeds, IMAGE_CONDITION: condition}
 

@@ -30,7 +30,18 @@ __all__ = [
 
 #: Reward name -> the module that registers it (imported when the reward is first built).
 LAZY_REWARDS = {
+    "imagereward": "megaflow.rewards.imagereward",
+    "aesthetic": "megaflow.rewards.clip",
+    "clipscore": "megaflow.rewards.clip",
+    "hpsv2": "megaflow.rewards.clip",
+    "pickscore": "megaflow.rewards.clip",
     "shapes": "megaflow.demo.verifier",
+    "vlm_judge": "megaflow.rewards.judge",
+    "remote": "megaflow.rewards.server",
+    "videoalign": "megaflow.rewards.videoalign",
+    "videoalign_vq": "megaflow.rewards.videoalign",
+    "videoalign_mq": "megaflow.rewards.videoalign",
+    "videoalign_ta": "megaflow.rewards.videoalign",
 }
 for _name, _module in LAZY_REWARDS.items():
     register_lazy(_name, _module)

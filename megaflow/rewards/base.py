@@ -7,6 +7,10 @@ dict per video, and `scores` `[B]`, higher is better, or a mapping with the scor
 are registered by name on a factory (a class or function taking keyword options and returning
 the callable) and built from the recipe by name. Rewards that need heavy imports (transformers
 models, HTTP clients) are registered lazily: their module is imported when first built.
+
+A reward may also offer `monitor(videos, prompts, metadata) -> {metric: [B]}`: metrics that are
+never trained on (e.g. the shapes world's quality metrics), computed on the sample videos during
+training and on every video in evaluation.
 """
 from __future__ import annotations
 
@@ -296,6 +300,18 @@ class RewardSet:
     ) -> dict[str, torch.Tensor]:
         """Score `videos` `[B, F, 3, H, W]`: each component's raw float32 CPU scores `[B]`."""
         return self.score(videos, prompts, metadata).components
+
+    def monitor(
+        self, videos: torch.Tensor, prompts: list[str], metadata: list[dict[str, Any]]
+    ) -> dict[str, torch.Tensor]:
+        """The untrained metrics `[B]` of the rewards that offer `monitor` (empty if none does)."""
+        validate_videos(videos, prompts, metadata)
+        out: dict[str, torch.Tensor] = {}
+        for name, reward in self.build().items():
+            if callable(getattr(reward, "monitor", None)):
+                for metric, value in reward.monitor(videos, prompts, metadata).items():
+                    out[metric] = self._check_scores(f"{name} {metric}", value, videos.shape[0])
+        return out
 
     @staticmethod
     def _check_scores(name: str, out: Any, batch: int) -> torch.Tensor:

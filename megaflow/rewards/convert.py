@@ -16,7 +16,10 @@ __all__ = ["CONVERTERS", "convert_reward"]
 
 #: kind -> "module:function"; the function is `convert(src, dst, base) -> dst`, where `base` is
 #: the folder of the matching transformers model (config, tokenizer, processor) when needed.
-CONVERTERS: dict[str, str] = {}
+CONVERTERS: dict[str, str] = {
+    "imagereward": "megaflow.rewards.imagereward:convert_imagereward",
+    "hpsv2": "megaflow.rewards.clip:convert_hpsv2",
+}
 
 
 def converter(kind: str) -> Callable[[Path, Path, Path | None], Path]:

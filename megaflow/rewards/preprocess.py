@@ -66,8 +66,10 @@ def preprocess_images(images: torch.Tensor, settings: ImageSettings) -> torch.Te
     if settings.square:
         new_h = new_w = settings.size
     else:
-        scale = settings.size / min(h, w)
-        new_h, new_w = max(settings.size, round(h * scale)), max(settings.size, round(w * scale))
+        # the short side becomes `size`; the long side is truncated, as the reference processors do
+        short, long = (h, w) if h <= w else (w, h)
+        new_short, new_long = settings.size, int(settings.size * long / short)
+        new_h, new_w = (new_short, new_long) if h <= w else (new_long, new_short)
     if (new_h, new_w) != (h, w):
         x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
     ch, cw = settings.crop

@@ -35,6 +35,7 @@ from megaflow.sampling.plans import StepPlan
 from megaflow.sampling.schedule import flow_sigmas
 from megaflow.seeds import derive_seed
 from megaflow.trainer.rollout import run_program
+from megaflow.trainer.scoring import ChunkScorer
 from megaflow.trainer.settings import SamplerSettings
 from megaflow.trainer.preemption import StopRequest
 from megaflow.trainer.ema import EMA
@@ -54,13 +55,14 @@ def load_adapter(cfg: Config, device: torch.device, transformer_loader: Any = No
     """Load the model and make its trainable part (LoRA or full) ready for training.
 
     LoRA initialisation draws from torch's generator, seeded from `cfg.seed` so that every rank
-    and every layout starts from the same weights."""
+    and every layout starts from the same weights. With `data.text_cache` the text encoders are
+    not loaded (the prompts come from the cache, `megaflow.data.text_cache`)."""
     frozen_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     lora = cfg.model.lora
     transformer_dtype = frozen_dtype if lora else torch.float32
     adapter = get_adapter(cfg.model.family).from_pretrained(
         resolve_model_path(cfg.model.path, cfg.model.family), dtype=frozen_dtype, device=device, transformer_dtype=transformer_dtype,
-        transformer_loader=transformer_loader)
+        transformer_loader=transformer_loader, text_encoders=not cfg.data.text_cache)
     torch.manual_seed(derive_seed(cfg.seed, "init") % 2**62)
     if lora:
         adapter.apply_lora(cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_targets)
@@ -119,12 +121,16 @@ class Trainer:
             check_resumable(resume_from, family=cfg.model.family, lora=cfg.model.lora, zero_stage=p.zero_stage,
                             world_size=self.topo.world_size, sp_size=p.sp_size, ema=cfg.train.ema_decay is not None)
         self.algorithm = get_algorithm(cfg.algorithm.name)
-        self.rewards = RewardSet(cfg.reward.components, cfg.reward.options)
+        self.device = (torch.device("cuda", self.topo.local_rank) if torch.cuda.is_available()
+                       else torch.device("cpu"))
+        self.rewards = RewardSet(cfg.reward.components, cfg.reward.options, lazy=True, offload=cfg.reward.offload,
+                                 device=str(self.device) if cfg.reward.device == "same" else cfg.reward.device)
+        if self.topo.is_sp_leader:
+            self.rewards.build()
+        self.scorer = ChunkScorer(self.rewards, overlap=cfg.reward.overlap)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.topo.is_main:
             save_config(cfg, self.output_dir / "config.yaml")
-        self.device = (torch.device("cuda", self.topo.local_rank) if torch.cuda.is_available()
-                       else torch.device("cpu"))
         a = cfg.algorithm
         self.fraction = a.timestep_fraction or self.algorithm.timestep_fraction
         self.algorithm_state = self.algorithm.initial_state()
@@ -161,7 +167,13 @@ class Trainer:
             clip_range=a.clip_range, kl_beta=a.kl_beta, micro_batch_size=cfg.train.micro_batch_size,
             grad_accum=cfg.train.grad_accum, grad_clip=cfg.train.grad_clip, loss=a.loss)
         self.use_cfg = cfg.sampling.guidance_scale > 1.0
-        self.negative = self.adapter.encode_prompts([cfg.data.negative_prompt]) if self.use_cfg else None
+        self.text_cache = None  # data.text_cache: prompts from the cache, checked (or filled) here
+        if cfg.data.text_cache:
+            from megaflow.data.text_cache import open_for_training
+
+            self.text_cache = open_for_training(cfg, self.adapter, self.prompts, show_progress=self.show_progress)
+        self.negative = ((self.adapter.encode_prompts if self.text_cache is None else self.text_cache.text)(
+            [cfg.data.negative_prompt]).to(self.device) if self.use_cfg else None)
         self.start_iteration = 0
         if resume_from is not None:
             self.start_iteration = load_checkpoint(resume_from, self.adapter, optimizer=self.optimizer,
@@ -220,12 +232,16 @@ class Trainer:
 
     def conditioning(self, texts: list[str], images: torch.Tensor | None) -> Conditioning:
         """Each prompt's conditioning `[P, ...]`: its text branch and, for I2V, its image encoded once;
-        the negative prompt's own branch for CFG. A sample's is its prompt's row."""
-        text = self.adapter.encode_prompts(texts)
+        the negative prompt's own branch for CFG. A sample's is its prompt's row. With a text cache
+        the text (and an I2V family's image-encoder output) comes from it."""
+        cache = getattr(self, "text_cache", None)
+        text = self.adapter.encode_prompts(texts) if cache is None else cache.text(texts, self.device)
         negative = None if self.negative is None else self.negative.expand(len(text))
         extra = {}
         if self.adapter.needs_image:
-            extra = self.adapter.image_conditioning(images.to(self.device), self.latent_shape)
+            cached = ({} if cache is None or self.adapter.cached_image_key is None
+                      else {"cached": cache.images(images, self.device)})
+            extra = self.adapter.image_conditioning(images.to(self.device), self.latent_shape, **cached)
         return Conditioning(text=text, negative=negative, extra=extra)
 
     def plan(self, iteration: int, keys: list[tuple[int, int]]) -> StepPlan:
@@ -238,17 +254,17 @@ class Trainer:
 
     def _gather_rewards(self, local_idx: list[int], local: dict[str, torch.Tensor] | None,
                         n: int, columns: int) -> dict[str, torch.Tensor]:
-        """Every sample's reward components `[n, columns]`, in global order, on every rank (each SP
-        group's first rank contributes the scores of its samples)."""
+        """Every sample's reward components and sub-scores `[n, columns]`, in global order, on every
+        rank (each SP group's first rank contributes the scores of its samples)."""
         parts = [(local_idx, local)]
         if self.topo.distributed:
             parts = [None] * self.topo.world_size
             dist.all_gather_object(parts, (local_idx, local))
-        full = {name: torch.empty(n, columns) for name in self.rewards.weights}
+        full: dict[str, torch.Tensor] = {}
         for idx, comps in parts:
             if comps is not None:
                 for name, values in comps.items():
-                    full[name][torch.tensor(idx, dtype=torch.long)] = values.float()
+                    full.setdefault(name, torch.empty(n, columns))[torch.tensor(idx, dtype=torch.long)] = values.float()
         return full
 
     def advantages(self, components: dict[str, torch.Tensor], groups: torch.Tensor) -> Advantages:
@@ -280,28 +296,20 @@ class Trainer:
         cond = prompt_cond.select([slot for slot, _ in local_keys])
         plan = self.plan(iteration, keys)
         columns = self.algorithm.score_columns(cfg.algorithm)
-        scores: dict[str, list[tuple[int, torch.Tensor]]] = {name: [] for name in self.rewards.weights}
         sample_videos: list[torch.Tensor] = []
-        reward_time = 0.0
+        self.scorer.reset()
 
         def score(videos: torch.Tensor, idx: slice, column: int) -> None:
-            nonlocal reward_time
-            t0 = time.perf_counter()
             chunk_keys = local_keys[idx]
-            meta = [{"prompt_slot": slot, "sample": g, "iteration": iteration} for slot, g in chunk_keys]
+            meta = [{**self.prompts.metadata[batch[slot][0]], "prompt_slot": slot, "sample": g, "iteration": iteration}
+                    for slot, g in chunk_keys]
             if images is not None:
                 for m in meta:
                     m["image"] = images[m["prompt_slot"]]
-            try:
-                for name, value in self.rewards(videos.float().cpu(), [texts[slot] for slot, _ in chunk_keys],
-                                                meta).items():
-                    scores[name].append((column, value))
-            except RewardError as e:
-                raise RewardError(f"iteration {iteration}: {e}") from e
             first_group = [i for i, (slot, g) in enumerate(chunk_keys) if slot == 0 and g < cfg.rollout.group_size]
             if topo.is_main and first_group and column == 0:
                 sample_videos.append(videos[first_group].float().cpu())
-            reward_time += time.perf_counter() - t0
+            self.scorer.submit(column, videos, [texts[slot] for slot, _ in chunk_keys], meta)
 
         t_rollout = time.perf_counter()
         with self._rollout_weights():
@@ -314,14 +322,22 @@ class Trainer:
                 sp_group=topo.sp_group if topo.sp_size > 1 else None,
                 keep_mean=LOSSES[cfg.algorithm.loss].needs_old_mean, collective=cfg.parallel.zero_stage == 3,
                 **self.algorithm.program_options(cfg.algorithm))
-        rollout_time = time.perf_counter() - t_rollout - reward_time
+        try:
+            scored = self.scorer.results()
+        except RewardError as e:
+            raise RewardError(f"iteration {iteration}: {e}") from e
+        rollout_time = time.perf_counter() - t_rollout - self.scorer.exposed_s
         local_scores = None
         if topo.is_sp_leader:
-            local_scores = {}
-            for name, parts in scores.items():
-                local_scores[name] = torch.stack([torch.cat([v for c, v in parts if c == col])
-                                                  for col in range(columns)], dim=1)
-        components = self._gather_rewards(local_idx, local_scores, n, columns)
+            per_column: dict[str, dict[int, list[torch.Tensor]]] = {}
+            for column, result in scored:
+                for name, value in {**result.components, **result.details}.items():
+                    per_column.setdefault(name, {}).setdefault(column, []).append(value)
+            local_scores = {name: torch.stack([torch.cat(cols[c]) for c in range(columns)], dim=1)
+                            for name, cols in per_column.items()}
+        gathered = self._gather_rewards(local_idx, local_scores, n, columns)
+        components = {name: gathered[name] for name in self.rewards.weights}
+        details = {name: v for name, v in gathered.items() if name not in self.rewards.weights}
         total = self.rewards.weighted_sum(components)
         adv = self.advantages(components, groups)
         t_update = time.perf_counter()
@@ -346,7 +362,9 @@ class Trainer:
         metrics = {
             "reward/mean": float(total.mean()),
             "reward/std": float(total.std(unbiased=False)),
-            **{f"reward/{name}": float(v.mean()) for name, v in components.items()},
+            **{f"reward/{name}/{stat}": float(v.mean() if stat == "mean" else v.std(unbiased=False))
+               for name, v in components.items() for stat in ("mean", "std")},
+            **{f"reward/{name}": float(v.mean()) for name, v in details.items()},
             "advantage/zero_std_groups": float(adv.zero_std_groups),
             "advantage/abs_mean": float(adv.values.abs().mean()),
             "advantage/trained_fraction": float((adv.weights > 0).float().mean()),
@@ -356,15 +374,22 @@ class Trainer:
             "plan/first_trained_step": float(trained_steps[0]),
             "plan/steps": float(plan.num_steps),
             "time/rollout_s": rollout_time,
-            "time/reward_s": reward_time,
+            "time/reward_s": self.scorer.reward_s,
+            "time/reward_exposed_s": self.scorer.exposed_s,
             "time/update_s": update_time,
             "time/iteration_s": time.perf_counter() - t_start,
             "memory/peak_gb": peak,
         }
+        sampled = bool(cfg.train.sample_every and (iteration + 1) % cfg.train.sample_every == 0 and sample_videos)
+        if self.writer is not None and sampled:
+            videos = torch.cat(sample_videos)
+            meta = [dict(self.prompts.metadata[batch[0][0]]) for _ in range(len(videos))]
+            metrics.update({name: float(v.mean())
+                            for name, v in self.rewards.monitor(videos, [texts[0]] * len(videos), meta).items()})
         if self.writer is not None:
             self.writer.log(iteration + 1, metrics)
-            if cfg.train.sample_every and (iteration + 1) % cfg.train.sample_every == 0 and sample_videos:
-                self.writer.log_video("samples/videos", torch.cat(sample_videos), iteration + 1)
+            if sampled:
+                self.writer.log_video("samples/videos", videos, iteration + 1)
                 self.writer.log_text("samples/prompt", texts[0], iteration + 1)
         return metrics
 
@@ -418,6 +443,7 @@ class Trainer:
                                         self.stopped_by, done, path)
                         break
         finally:
+            self.scorer.close()
             if self.writer is not None:
                 self.writer.close()
         return history

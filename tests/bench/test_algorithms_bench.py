@@ -10,19 +10,23 @@ import megaflow.bench.algorithms as bench
 from megaflow.bench.algorithms import RunResult, summarize
 
 
-def run(variant, seed, rewards, seconds, evaluated):
+def run(variant, seed, rewards, seconds, evaluated, purity=0.9):
     history = [{"reward/mean": r, "time/iteration_s": s, "nfe/rollout_per_sample": 8.0, "nfe/train_per_sample": 4.0,
                 "policy/ratio_max_dev": 0.0}
                for r, s in zip(rewards, seconds)]
-    return RunResult(variant, seed, history, evaluated, {"shapes": evaluated, "shapes/color": 0.5}, sum(seconds))
+    return RunResult(variant, seed, history, evaluated, {"shapes": evaluated, "shapes/color": 0.5,
+                                                         "quality/purity": purity}, sum(seconds))
+
+
+BASE = {"overall": 0.4, "shapes/color": 0.3, "quality/purity": 0.95}
 
 
 def test_summary_ratios_equal_time_reward_and_gain():
     runs = [run("dance_grpo", 0, [0.1, 0.2, 0.3, 0.4], [9.0, 4.0, 4.0, 4.0], 0.50),
             run("dance_grpo", 1, [0.1, 0.2, 0.3, 0.5], [9.0, 4.0, 4.0, 4.0], 0.60),
-            run("mix_grpo", 0, [0.2, 0.3, 0.5, 0.6], [5.0, 2.0, 2.0, 2.0], 0.70),
-            run("mix_grpo", 1, [0.2, 0.4, 0.5, 0.7], [5.0, 2.0, 2.0, 2.0], 0.80)]
-    rows = {r["variant"]: r for r in summarize(runs, {"overall": 0.4, "shapes/color": 0.3})}
+            run("mix_grpo", 0, [0.2, 0.3, 0.5, 0.6], [5.0, 2.0, 2.0, 2.0], 0.70, purity=0.80),
+            run("mix_grpo", 1, [0.2, 0.4, 0.5, 0.7], [5.0, 2.0, 2.0, 2.0], 0.80, purity=0.70)]
+    rows = {r["variant"]: r for r in summarize(runs, BASE)}
     assert rows["dance_grpo"]["time_ratio"] == 1.0 and rows["mix_grpo"]["time_ratio"] == 0.5  # first iteration excluded
     # the fastest variant trained 11 s in all: dance_grpo had finished only its first iteration by then
     assert rows["mix_grpo"]["equal_time_s"] == 11.0
@@ -31,6 +35,12 @@ def test_summary_ratios_equal_time_reward_and_gain():
     assert rows["mix_grpo"]["eval"] == pytest.approx(0.75) and rows["mix_grpo"]["eval_gain"] == pytest.approx(0.35)
     assert rows["mix_grpo"]["eval_sd"] == pytest.approx(math.sqrt(0.005))
     assert rows["dance_grpo"]["train_reward_last"] == pytest.approx((0.2 + 0.3 + 0.4 + 0.2 + 0.3 + 0.5) / 6)
+    # the faster, higher-reward variant hacks: its purity fell 0.2 below the base model's, and the table says so
+    assert rows["mix_grpo"]["quality_drop"] == pytest.approx(0.2)
+    assert rows["dance_grpo"]["quality_drop"] == pytest.approx(0.05)
+    table = bench.format_table(list(rows.values()), BASE)
+    assert table[0].endswith("| color | purity | largest quality fall |")
+    assert table[3].endswith("| 0.500 | 0.750 | +0.200 |")
 
 
 def test_main_writes_json_and_appends_markdown(tmp_path, monkeypatch):
@@ -41,7 +51,7 @@ def test_main_writes_json_and_appends_markdown(tmp_path, monkeypatch):
         return run(name, seed, [0.1, 0.2], [2.0, 1.0 if name == "dance_grpo" else 0.5], 0.5 + seed / 10)
 
     monkeypatch.setattr(bench, "run_variant", fake_run)
-    monkeypatch.setattr(bench, "base_score", lambda overrides, samples, seed: {"overall": 0.4, "shapes/color": 0.3})
+    monkeypatch.setattr(bench, "base_score", lambda overrides, samples, seed: BASE)
     md = tmp_path / "B.md"
     assert bench.main(["--algorithms", "dance_grpo,mix_grpo", "--guard", "--seeds", "0,1", "--iterations", "2",
                        "--output", str(tmp_path / "out"), "--markdown", str(md), "--set", "train.lr=1e-4"]) == 0

@@ -65,3 +65,24 @@ def test_unreadable_image_is_a_data_error(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match="broken.png"):
         load_image(str(tmp_path / "broken.png"), 8, 8)
+
+
+def test_jsonl_fields_other_than_prompt_and_image_are_the_prompts_metadata(tmp_path):
+    path = tmp_path / "geneval.jsonl"
+    path.write_text('{"prompt": "a photo of a cat", "tag": "single_object", "include": [{"class": "cat", "count": 1}]}\n'
+                    '\n{"prompt": "two dogs"}\n')
+    prompts = PromptSet.from_file(path)
+    assert prompts.prompts == ["a photo of a cat", "two dogs"]
+    assert prompts.metadata == [{"tag": "single_object", "include": [{"class": "cat", "count": 1}]}, {}]
+    assert PromptSet(["a", "b"]).metadata == [{}, {}]
+
+
+def test_the_demo_prompt_files_are_the_worlds_split_with_its_attributes():
+    from megaflow.demo.world import parse_prompt, split_prompts
+
+    for name, expected in zip(("demo_prompts.jsonl", "demo_heldout.jsonl"), split_prompts(0)):
+        prompts = PromptSet.from_file(name)
+        assert prompts.prompts == expected
+        for text, meta in zip(prompts.prompts, prompts.metadata):
+            attrs = parse_prompt(text)
+            assert meta == {"color": attrs.color, "shape": attrs.shape, "direction": attrs.direction}

@@ -9,6 +9,7 @@ from PIL import Image
 
 from megaflow.config import load_config
 from megaflow.demo.evaluate import evaluate, find_checkpoint, sample_videos, load_model
+from megaflow.demo.quality import METRICS
 from megaflow.demo.world import split_prompts
 from megaflow.errors import ModelLoadError
 from megaflow.trainer.loop import Trainer
@@ -22,11 +23,12 @@ def test_eval_of_the_base_model_prints_a_table_and_writes_json_and_frames(tmp_pa
     res = _megaflow("eval", "--config", "demo", "--samples", "1", "--json", str(tmp_path / "e.json"),
                     "--image", str(tmp_path / "e.png"), "--no-progress")
     assert res.returncode == 0, res.stderr
-    for row in ("overall", "shapes/color", "shapes/shape", "shapes/direction"):
+    for row in ("overall", "shapes/color", "shapes/shape", "shapes/direction", *METRICS):
         assert row in res.stdout
     report = json.loads((tmp_path / "e.json").read_text())
     assert report["prompts"] == split_prompts(0)[1]
-    (base,) = report["results"]
+    truth, base = report["results"]
+    assert truth["model"] == "truth" and truth["weights"] == "renderer"
     assert base["model"] == "base" and 0.0 <= base["overall"] <= 1.0
     assert set(base["per_prompt"]) == set(split_prompts(0)[1])
     width, height = Image.open(tmp_path / "e.png").size
@@ -44,6 +46,9 @@ def test_eval_sampling_is_deterministic_and_uses_the_ode():
     assert not torch.allclose(a[0], a[1])
 
 
+PROMPT = split_prompts(0)[1][0]
+
+
 @pytest.mark.slow
 def test_eval_of_a_checkpoint_compares_base_and_trained(tmp_path):
     cfg = load_config("demo", [f"output_dir={tmp_path / 'run'}", "train.iterations=1", "train.sample_every=0",
@@ -51,13 +56,18 @@ def test_eval_of_a_checkpoint_compares_base_and_trained(tmp_path):
     Trainer(cfg, show_progress=False).train()
     ckpt = find_checkpoint(tmp_path / "run")
     assert ckpt.parent.name == "checkpoints"
-    base, trained = evaluate(cfg, tmp_path / "run", samples=1, show_progress=False)
-    assert (base.label, trained.label) == ("base", "trained")
+    truth, base, trained = evaluate(cfg, tmp_path / "run", samples=1, show_progress=False)
+    assert (truth.label, base.label, trained.label) == ("truth", "base", "trained")
+    # the renderer's clips are the reference every score is calibrated on
+    assert truth.overall >= 0.95 and all(truth.components[m] >= 0.95 for m in METRICS)
+    assert set(METRICS) <= set(base.components) and set(METRICS) <= set(trained.per_prompt_components[PROMPT])
     assert not torch.equal(base.videos, trained.videos)  # the checkpoint's weights were loaded
     res = _megaflow("eval", "--config", "demo", "--checkpoint", str(ckpt), "--samples", "1",
                     "--image", str(tmp_path / "cmp.png"), "--json", str(tmp_path / "cmp.json"), "--no-progress")
     assert res.returncode == 0, res.stderr
-    assert [r["model"] for r in json.loads((tmp_path / "cmp.json").read_text())["results"]] == ["base", "trained"]
+    results = json.loads((tmp_path / "cmp.json").read_text())["results"]
+    assert [r["model"] for r in results] == ["truth", "base", "trained"]
+    assert set(METRICS) <= set(results[2]["components"]) and PROMPT in results[2]["per_prompt_components"]
 
 
 def test_missing_or_empty_checkpoint_is_a_one_line_error(tmp_path):

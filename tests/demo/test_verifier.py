@@ -21,7 +21,7 @@ def _accuracy(transform) -> dict[str, float]:
     clips = [(attrs, seed, i) for seed in (11, 12) for i, attrs in enumerate(all_attributes())]
     for attrs, seed, i in clips:
         video = transform(render_clip(attrs, seed, i), seed * 1000 + i)
-        for a, hit in estimate(video).matches(attrs.prompt).items():
+        for a, hit in estimate(video).matches(attrs).items():
             hits[a] += hit
     return {a: h / len(clips) for a, h in hits.items()}
 
@@ -46,7 +46,8 @@ def test_partial_credit_is_the_fraction_of_matched_attributes():
     prompts = ["a red circle moving left", "a red circle moving right", "a red square moving up",
                "a blue square moving right"]
     scores = reward(video.expand(4, -1, -1, -1, -1), prompts, [{}] * 4)
-    torch.testing.assert_close(scores, torch.tensor([1.0, 2 / 3, 1 / 3, 0.0]))
+    torch.testing.assert_close(scores["score"], torch.tensor([1.0, 2 / 3, 1 / 3, 0.0]))
+    torch.testing.assert_close(scores["shape"], torch.tensor([1.0, 1.0, 0.0, 0.0]))
 
 
 def test_every_shape_colour_and_direction_is_told_apart():
@@ -57,12 +58,12 @@ def test_every_shape_colour_and_direction_is_told_apart():
 
 def test_blank_and_static_videos_get_no_credit_for_what_they_do_not_show():
     blank = torch.tensor(BACKGROUND).view(1, 1, 3, 1, 1).expand(1, 9, 3, 32, 32).clone()
-    assert float(ShapesReward()(blank, ["a red circle moving left"], [{}])[0]) == 0.0
+    assert float(ShapesReward()(blank, ["a red circle moving left"], [{}])["score"][0]) == 0.0
     frame = render_clip(parse_prompt("a green square moving up"), seed=1)[:1]
     static = frame.expand(9, -1, -1, -1)[None]
     est = estimate(static[0])
     assert est.direction is None and est.color == "green" and est.shape == "square"
-    assert float(ShapesReward()(static, ["a green square moving up"], [{}])[0]) == pytest.approx(2 / 3)
+    assert float(ShapesReward()(static, ["a green square moving up"], [{}])["score"][0]) == pytest.approx(2 / 3)
 
 
 def test_registered_and_used_through_reward_set():
@@ -85,10 +86,11 @@ def test_soft_credit_is_near_one_for_the_true_caption_and_ranks_wrong_ones_lower
     soft = ShapesReward(soft=True)
     for attrs in all_attributes()[::5]:
         video = render_clip(attrs, seed=4)[None]
-        true = float(soft(video, [attrs.prompt], [{}])[0])
+        true = float(soft(video, [attrs.prompt], [{}])["score"][0])
         assert true >= 0.9, (attrs, true)
         others = [a for a in all_attributes() if a != attrs]
-        wrong = soft(video.expand(len(others), -1, -1, -1, -1), [a.prompt for a in others], [{}] * len(others))
+        wrong = soft(video.expand(len(others), -1, -1, -1, -1), [a.prompt for a in others],
+                     [{}] * len(others))["score"]
         misses = torch.tensor([sum(getattr(a, f) != getattr(attrs, f) for f in ("color", "shape", "direction"))
                                for a in others])
         assert float(wrong.max()) < true
@@ -117,3 +119,14 @@ def test_soft_direction_credit_follows_the_cosine_of_the_travel():
     assert scores[0] > 0.9 and scores[1] < 0.2 and scores[2] == 0.0, scores
     with pytest.raises(ConfigError, match="soft must be true or false"):
         ShapesReward(soft="yes")
+
+
+def test_the_target_comes_from_the_prompt_records_metadata():
+    """A JSONL record's colour/shape/direction are what the verifier checks (not the caption), and an
+    attribute outside the world is a clear error."""
+    video = render_clip(parse_prompt("a red circle moving left"), seed=3)[None]
+    meta = {"color": "red", "shape": "circle", "direction": "left"}
+    scores = ShapesReward()(video, ["an unparsable caption"], [meta])
+    assert float(scores["score"][0]) == 1.0
+    with pytest.raises(RewardError, match="metadata color 'purple'"):
+        RewardSet({"shapes": 1.0})(video, ["x"], [{**meta, "color": "purple"}])

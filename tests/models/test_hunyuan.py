@@ -23,6 +23,7 @@ from megaflow.models.hunyuan import (
     HUNYUAN_LORA_TARGETS, TEXT_SETTINGS_FILE, HunyuanVideoAdapter, SkyReelsI2VAdapter, read_text_settings,
 )
 from megaflow.models.tiny import TINY_HUNYUAN_PROMPT_TEMPLATE, TINY_I2V_PROMPTS, TINY_SIZES, tiny_model_dir
+from megaflow.rewards import RewardScores
 
 FAMILIES = ("hunyuan", "skyreels_i2v")
 ADAPTERS = {"hunyuan": HunyuanVideoAdapter, "skyreels_i2v": SkyReelsI2VAdapter}
@@ -532,17 +533,14 @@ def test_tiny_recipe_trains_and_exports(family: str, cache_root: Path, folders: 
     else:
         assert trainer.settings.embedded_guidance == 1.0 and trainer.settings.guidance_scale == 6.0
         assert trainer.negative is not None
-    rewards, seen = trainer.rewards, []
+    score, seen = trainer.rewards.score, []
 
-    class Spy:
-        weights, weighted_sum = rewards.weights, rewards.weighted_sum
+    def spy(videos: torch.Tensor, prompts: list[str], meta: list[dict]) -> RewardScores:
+        seen.extend((p, m.get("image")) for p, m in zip(prompts, meta))
+        assert videos.shape[1:] == (FRAMES, 3, HEIGHT, WIDTH)
+        return score(videos, prompts, meta)
 
-        def __call__(self, videos: torch.Tensor, prompts: list[str], meta: list[dict]) -> dict[str, torch.Tensor]:
-            seen.extend((p, m.get("image")) for p, m in zip(prompts, meta))
-            assert videos.shape[1:] == (FRAMES, 3, HEIGHT, WIDTH)
-            return rewards(videos, prompts, meta)
-
-    trainer.rewards = Spy()
+    trainer.rewards.score = spy
     (metrics,) = trainer.train()
     assert metrics["policy/ratio_max_dev"] == 0.0 and metrics["optim/grad_norm"] > 0
     assert all(torch.isfinite(torch.tensor(metrics[k])) for k in ("reward/mean", "reward/std", "loss/total"))

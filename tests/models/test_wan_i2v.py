@@ -27,6 +27,7 @@ from megaflow.models import ADAPTERS, Conditioning, get_adapter, resolve_model_p
 from megaflow.models.base import LORA_WEIGHTS_FILE, TextConditioning
 from megaflow.models.tiny import TINY_I2V_PROMPTS, TINY_SIZES, build_tiny_pipeline, tiny_model_dir
 from megaflow.models.wan_i2v import IMAGE_CONDITION, IMAGE_EMBEDS, WanI2VAdapter, to_pil
+from megaflow.rewards import RewardScores
 
 PROMPTS = [
     "a red ball",
@@ -381,16 +382,13 @@ def test_tiny_recipe_trains_and_exports(cache_root: Path, folder: Path, adapter:
                                        "train.sample_every=0", "train.lr=1e-2"])
     assert cfg.model.path == "tiny" and resolve_model_path(cfg.model.path, cfg.model.family) == folder
     trainer = Trainer(cfg, show_progress=False)
-    rewards, seen = trainer.rewards, []
+    score, seen = trainer.rewards.score, []
 
-    class Spy:
-        weights, weighted_sum = rewards.weights, rewards.weighted_sum
+    def spy(videos: torch.Tensor, prompts: list[str], meta: list[dict]) -> RewardScores:
+        seen.extend((p, m["image"]) for p, m in zip(prompts, meta))
+        return score(videos, prompts, meta)
 
-        def __call__(self, videos: torch.Tensor, prompts: list[str], meta: list[dict]) -> dict[str, torch.Tensor]:
-            seen.extend((p, m["image"]) for p, m in zip(prompts, meta))
-            return rewards(videos, prompts, meta)
-
-    trainer.rewards = Spy()
+    trainer.rewards.score = spy
     (metrics,) = trainer.train()
     assert metrics["policy/ratio_max_dev"] == 0.0
     assert all(torch.isfinite(torch.tensor(metrics[k])) for k in ("reward/mean", "reward/std", "loss/total"))

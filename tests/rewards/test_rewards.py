@@ -233,3 +233,61 @@ def test_reward_set_validates_videos():
         rs(grey(0.5), ["a"], [{}, {}])
     with pytest.raises(RewardError, match="dtype"):
         validate_videos(torch.zeros(B, F, 3, H, W, dtype=torch.uint8))
+
+
+class _Counted:
+    """A reward that counts how often it was built, reports a sub-score and can be moved."""
+
+    built = 0
+
+    def __init__(self, device: str = "cpu") -> None:
+        type(self).built += 1
+        self.device = device
+        self.moves: list[str] = []
+
+    def to(self, device):
+        self.moves.append(str(device))
+        return self
+
+    def __call__(self, videos, prompts, metadata):
+        mean = videos.float().flatten(1).mean(1)
+        return {"score": mean, "half": mean / 2}
+
+
+register_reward("test_counted")(_Counted)
+
+
+def test_lazy_sets_build_on_first_use_and_sub_scores_are_reported_beside_the_score():
+    _Counted.built = 0
+    rewards = RewardSet({"test_counted": 1.0}, lazy=True, device="cuda:3")
+    assert _Counted.built == 0  # checked, not built: ranks that do not score never load the model
+    videos = grey(0.5)
+    result = rewards.score(videos, ["a", "b"], [{}, {}])
+    assert _Counted.built == 1 and rewards.rewards["test_counted"].device == "cuda:3"
+    torch.testing.assert_close(result.components["test_counted"], torch.full((B,), 0.5))
+    torch.testing.assert_close(result.details["test_counted/half"], torch.full((B,), 0.25))
+    assert set(rewards(videos, ["a", "b"], [{}, {}])) == {"test_counted"}  # components only
+    assert _Counted.built == 1
+
+
+def test_offload_moves_rewards_to_the_device_to_score_and_back_to_the_cpu():
+    rewards = RewardSet({"test_counted": 1.0}, device="cpu", offload=True)
+    rewards.score(grey(0.5), ["a", "b"], [{}, {}])
+    assert rewards.rewards["test_counted"].moves == ["cpu", "cpu"]
+    rewards = RewardSet({"test_counted": 1.0}, {"test_counted": {"device": "meta"}}, device="cpu", offload=True)
+    assert rewards.rewards["test_counted"].device == "meta"  # an explicit option wins over reward.device
+
+
+def test_rewards_accept_low_precision_videos_on_their_device():
+    videos = noise()
+    full = RewardSet({"brightness": 1.0, "contrast": 1.0})(videos, ["a", "b"], [{}, {}])
+    half = RewardSet({"brightness": 1.0, "contrast": 1.0})(videos.bfloat16(), ["a", "b"], [{}, {}])
+    for name in full:
+        assert half[name].dtype == torch.float32
+        torch.testing.assert_close(half[name], full[name], rtol=0, atol=4e-3)  # bf16 pixels: 8-bit mantissa
+
+
+def test_a_mapping_without_score_is_a_clear_error():
+    register_reward("test_no_score")(lambda: (lambda v, p, m: {"vq": v.flatten(1).mean(1)}))
+    with pytest.raises(RewardError, match="without a 'score' entry"):
+        RewardSet({"test_no_score": 1.0})(grey(0.5), ["a", "b"], [{}, {}])

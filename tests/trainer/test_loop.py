@@ -9,10 +9,10 @@ from megaflow.config import load_config
 from megaflow.trainer.loop import Trainer
 
 REQUIRED_METRICS = [
-    "reward/mean", "reward/std", "reward/brightness", "advantage/zero_std_groups", "loss/total", "loss/policy",
-    "loss/kl", "policy/ratio_mean", "policy/ratio_max_dev", "policy/clip_frac", "policy/approx_kl",
+    "reward/mean", "reward/std", "reward/brightness/mean", "reward/brightness/std", "advantage/zero_std_groups",
+    "loss/total", "loss/policy", "loss/kl", "policy/ratio_mean", "policy/ratio_max_dev", "policy/clip_frac", "policy/approx_kl",
     "optim/grad_norm", "optim/lr", "nfe/rollout_per_sample", "nfe/train_per_sample", "time/rollout_s",
-    "time/reward_s", "time/update_s", "time/iteration_s", "memory/peak_gb",
+    "time/reward_s", "time/reward_exposed_s", "time/update_s", "time/iteration_s", "memory/peak_gb",
 ]
 
 
@@ -43,13 +43,11 @@ def test_noise_and_rewards_do_not_depend_on_chunk_size(tmp_path, tiny_wan_dir):
         trainer = make_trainer(tmp_path / f"c{chunk}-{fraction}", tiny_wan_dir, f"rollout.chunk_size={chunk}",
                                "train.micro_batch_size=1", f"algorithm.timestep_fraction={fraction}")
         latents, scores = [], []
-        decode, score = trainer.adapter.decode, trainer.rewards.__call__
+        decode, score = trainer.adapter.decode, trainer.rewards.score
         trainer.adapter.decode = lambda x: latents.append(x.clone()) or decode(x)
-        trainer.rewards = lambda v, p, m: scores.append(score(v, p, m)["brightness"]) or {"brightness": scores[-1]}
-        trainer.rewards.weights = {"brightness": 1.0}
-        trainer.rewards.weighted_sum = lambda comps: comps["brightness"]
+        trainer.rewards.score = lambda v, p, m: scores.append(score(v, p, m)) or scores[-1]
         trainer.run_iteration(0)
-        return torch.cat(latents), torch.cat(scores)
+        return torch.cat(latents), torch.cat([s.components["brightness"] for s in scores])
 
     # Every step trained: every velocity is evaluated per micro-batch, so the samples are bit-identical.
     lat1, r1 = rollout(1, 1.0)
