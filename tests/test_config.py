@@ -113,10 +113,10 @@ def test_a_recipe_states_only_what_differs_from_its_base(tmp_path):
     child.write_text("base: base\ntrain: {lr: 0.25}\n")
     cfg = load_config(str(child))
     assert (cfg.seed, cfg.train.iterations, cfg.train.lr) == (3, 7, 0.25)
-    flash = load_config("demo_mix_grpo_flash_star")  # three levels: demo → demo_mix_grpo → … → flash*
+    flash = load_config("demo_mix_grpo_flash_star")  # demo → demo_unregularized → demo_mix_grpo → … → flash*
     assert (flash.algorithm.name, flash.algorithm.window_strategy, flash.algorithm.flash_compression,
-            flash.algorithm.window_size, flash.data.prompts) == ("mix_grpo_flash", "frozen", 0.2, 3,
-                                                                  load_config("demo").data.prompts)
+            flash.algorithm.window_size, flash.algorithm.kl_beta, flash.data.prompt_file) == (
+        "mix_grpo_flash", "frozen", 0.2, 3, 0.0, "demo_prompts.jsonl")
     (tmp_path / "loop.yaml").write_text("base: loop\n")
     with pytest.raises(ConfigError, match="its own base"):
         load_config(str(tmp_path / "loop.yaml"))

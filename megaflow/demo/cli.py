@@ -33,14 +33,15 @@ def _pretrain_demo(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from megaflow.config import load_config
-    from megaflow.demo.evaluate import eval_prompts, evaluate, format_table, save_comparison, write_json
+    from megaflow.demo.evaluate import (eval_prompts, evaluate, find_checkpoint, format_table, labelled_checkpoints,
+                                        save_comparison, write_json)
 
     if args.samples < 1:
         raise ConfigError(f"--samples must be >= 1, got {args.samples}")
     cfg = load_config(args.config, list(args.set or []))
     prompts = eval_prompts(cfg, args.prompts)
     t0 = time.perf_counter()
-    reports = evaluate(cfg, args.checkpoint, prompt_file=args.prompts, samples=args.samples, seed=args.seed,
+    reports = evaluate(cfg, args.checkpoint or [], prompt_file=args.prompts, samples=args.samples, seed=args.seed,
                        show_progress=not args.no_progress, ema=not args.no_ema)
     seconds = time.perf_counter() - t0
     print(format_table(reports, len(prompts), args.samples))
@@ -51,11 +52,10 @@ def _eval(args: argparse.Namespace) -> int:
              "seed": args.seed, "seconds": round(seconds, 1)}
     path = write_json(reports, args.json or out_dir / "eval.json", **extra)
     print(json.dumps({**extra, "results": [r.to_dict() for r in reports]}))
-    if args.checkpoint is not None:
-        from megaflow.demo.evaluate import find_checkpoint
+    for label, checkpoint in labelled_checkpoints(args.checkpoint or []):
         from megaflow.trainer.ema import describe_weights
 
-        print(f"trained model: {describe_weights(find_checkpoint(args.checkpoint), not args.no_ema)}")
+        print(f"{label} model: {describe_weights(find_checkpoint(checkpoint), not args.no_ema)}")
     print(f"frames: {image}; scores: {path}")
     return 0
 
@@ -75,8 +75,9 @@ def add_demo_commands(sub: argparse._SubParsersAction) -> None:
 
     ev = sub.add_parser("eval", help="score a model (and a checkpoint) on held-out prompts with ODE sampling")
     ev.add_argument("--config", required=True, help="built-in recipe name (e.g. demo) or a YAML path")
-    ev.add_argument("--checkpoint", help="a run's output folder or one of its checkpoints/iteration_* folders "
-                                         "(default: evaluate only the base model)")
+    ev.add_argument("--checkpoint", action="append", metavar="[LABEL=]PATH",
+                    help="a run's output folder or one of its checkpoints/iteration_* folders, optionally labelled "
+                         "(repeatable: every checkpoint is a column; default: evaluate only the base model)")
     ev.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     ev.add_argument("--prompts", help="text file of evaluation prompts (default: the shapes world's held-out "
                                       "prompts for recipes using the shapes reward, else the recipe's prompts)")

@@ -21,7 +21,7 @@ import torch
 
 from megaflow.config import Config
 from megaflow.data.prompts import PromptSet
-from megaflow.errors import DataError, ModelLoadError
+from megaflow.errors import ConfigError, DataError, ModelLoadError
 from megaflow.models import get_adapter, resolve_model_path
 from megaflow.models.base import Conditioning, ModelAdapter
 from megaflow.monitor.progress import progress
@@ -183,23 +183,46 @@ def eval_prompts(cfg: Config, prompt_file: str | None = None) -> PromptSet:
     return PromptSet(cfg.data.prompts)
 
 
-def evaluate(cfg: Config, checkpoint: str | Path | None = None, *, prompt_file: str | None = None, samples: int = 4,
-             seed: int = 1234, show_progress: bool = True, ema: bool = True) -> list[EvalReport]:
-    """Evaluate the base model, and the trained one when `checkpoint` is given: `[truth?, base,
-    trained?]`; `truth`, the renderer's clips of the same prompts, comes first when the recipe uses
-    the shapes world's verifier. The trained report's `weights` says whether the checkpoint's EMA
-    ("ema", the default when it has one and `ema`) or its raw weights ("trained") were evaluated."""
+def labelled_checkpoints(checkpoints: str | Path | Sequence[str | Path] | None) -> list[tuple[str, Path]]:
+    """`(label, path)` of each `[LABEL=]PATH`; unlabelled: "trained" when it is the only one, else
+    its run folder's name."""
+    if checkpoints is None:
+        return []
+    items = [checkpoints] if isinstance(checkpoints, (str, Path)) else list(checkpoints)
+    out = []
+    for item in items:
+        label, _, path = str(item).rpartition("=") if "=" in str(item) else ("", "", str(item))
+        if not label:
+            p = Path(path)
+            run = p.parent.parent if p.parent.name == "checkpoints" else p
+            label = "trained" if len(items) == 1 else run.name
+        out.append((label, Path(path)))
+    labels = [label for label, _ in out]
+    if len(set(labels)) != len(labels) or {"truth", "base"} & set(labels):
+        raise ConfigError(f"checkpoint labels must be distinct and not 'truth' or 'base', got {labels}; "
+                          "label them as LABEL=PATH")
+    return out
+
+
+def evaluate(cfg: Config, checkpoint: str | Path | Sequence[str | Path] | None = None, *,
+             prompt_file: str | None = None, samples: int = 4, seed: int = 1234, show_progress: bool = True,
+             ema: bool = True) -> list[EvalReport]:
+    """Evaluate the base model and each checkpoint (`[LABEL=]PATH`, see `labelled_checkpoints`):
+    `[truth?, base, *checkpoints]`; `truth`, the renderer's clips of the same prompts, comes first
+    when the recipe uses the shapes world's verifier. A checkpoint report's `weights` says whether
+    its EMA ("ema", the default when it has one and `ema`) or its raw weights ("trained") were used."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    ckpt = find_checkpoint(checkpoint) if checkpoint is not None else None
+    runs = [(label, find_checkpoint(path)) for label, path in labelled_checkpoints(checkpoint)]
     prompts = eval_prompts(cfg, prompt_file)
     reports = []
     if "shapes" in cfg.reward.components:
         report = score_videos(cfg, ground_truth_videos(cfg, prompts, samples, seed), prompts, samples, "truth")
         report.weights = "renderer"
         reports.append(report)
-    for label, path in [("base", None)] + ([("trained", ckpt)] if ckpt is not None else []):
+    for label, path in [("base", None)] + runs:
         adapter = load_model(cfg, path, device, ema=ema)
-        videos = sample_videos(adapter, cfg, prompts.prompts, samples, seed, show_progress=show_progress, desc=f"eval {label}")
+        videos = sample_videos(adapter, cfg, prompts.prompts, samples, seed, show_progress=show_progress,
+                               desc=f"eval {label}")
         report = score_videos(cfg, videos, prompts, samples, label)
         report.weights = "base" if path is None else weights_used(path, ema)
         reports.append(report)
@@ -212,10 +235,11 @@ def format_table(reports: Sequence[EvalReport], prompts: int, samples: int) -> s
     width = max(len(n) for n in names) + 2
     used = [f"{r.label}: {r.weights} weights" for r in reports if r.weights not in ("base", "renderer")]
     lines = [f"{prompts} prompts × {samples} samples, ODE sampling" + (f" ({'; '.join(used)})" if used else ""),
-             "".ljust(width) + "".join(r.label.rjust(10) for r in reports)]
+             "".ljust(width) + "".join(r.label.rjust(max(10, len(r.label) + 2)) for r in reports)]
     for n in names:
         vals = [r.overall if n == "overall" else r.components[n] for r in reports]
-        lines.append(n.ljust(width) + "".join(f"{v:10.3f}" for v in vals))
+        lines.append(n.ljust(width) + "".join(f"{v:.3f}".rjust(max(10, len(r.label) + 2))
+                                              for v, r in zip(vals, reports)))
     return "\n".join(lines)
 
 

@@ -8,10 +8,10 @@ import torch
 from PIL import Image
 
 from megaflow.config import load_config
-from megaflow.demo.evaluate import evaluate, find_checkpoint, sample_videos, load_model
+from megaflow.demo.evaluate import evaluate, find_checkpoint, labelled_checkpoints, load_model, sample_videos
 from megaflow.demo.quality import METRICS
 from megaflow.demo.world import split_prompts
-from megaflow.errors import ModelLoadError
+from megaflow.errors import ConfigError, ModelLoadError
 from megaflow.trainer.loop import Trainer
 
 
@@ -79,3 +79,12 @@ def test_missing_or_empty_checkpoint_is_a_one_line_error(tmp_path):
     (tmp_path / "empty" / "checkpoints" / "iteration_000001").mkdir(parents=True)  # a write that never finished
     with pytest.raises(ModelLoadError, match="holds no complete megaflow checkpoint"):
         find_checkpoint(tmp_path / "empty")
+
+
+def test_checkpoints_are_labelled_columns(tmp_path):
+    run = tmp_path / "runs" / "demo_unregularized" / "checkpoints" / "iteration_000100"
+    assert labelled_checkpoints(str(run)) == [("trained", run)]
+    assert labelled_checkpoints([str(run), f"default={tmp_path / 'x'}"]) == [
+        ("demo_unregularized", run), ("default", tmp_path / "x")]
+    with pytest.raises(ConfigError, match="distinct and not 'truth' or 'base'"):
+        labelled_checkpoints([f"base={run}"])
