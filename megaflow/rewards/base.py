@@ -188,6 +188,29 @@ class RewardScores:
     details: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+def score_reward(name: str, reward: Reward, videos: torch.Tensor, prompts: list[str],
+                 metadata: list[dict[str, Any]]) -> RewardScores:
+    """One reward's checked float32 CPU score `[B]` (`components[name]`) and sub-scores
+    (`details["name/sub"]`); RewardError naming the reward if it raises or returns bad scores."""
+    batch = videos.shape[0]
+    try:
+        out = reward(videos, prompts, metadata)
+    except RewardError as e:
+        raise RewardError(f"reward {name!r}: {e}") from e
+    except Exception as e:
+        raise RewardError(f"reward {name!r} raised {type(e).__name__}: {e}") from e
+    result = RewardScores({})
+    if isinstance(out, Mapping):
+        if "score" not in out:
+            raise RewardError(f"reward {name!r} returned a mapping without a 'score' entry (keys: {sorted(out)})")
+        for sub, value in out.items():
+            if sub != "score":
+                result.details[f"{name}/{sub}"] = RewardSet._check_scores(f"{name}/{sub}", value, batch)
+        out = out["score"]
+    result.components[name] = RewardSet._check_scores(name, out, batch)
+    return result
+
+
 class RewardSet:
     """Named rewards with weights: raw per-component scores `[B]` and their weighted sum.
 
@@ -267,29 +290,14 @@ class RewardSet:
         """Score `videos` `[B, F, 3, H, W]`: each component's raw float32 CPU scores `[B]`, and
         the sub-scores the components report."""
         validate_videos(videos, prompts, metadata)
-        batch = videos.shape[0]
         result = RewardScores({})
         if self.offload:
             self._place(self.device)
         try:
             for name, reward in self.build().items():
-                try:
-                    out = reward(videos, prompts, metadata)
-                except RewardError as e:
-                    raise RewardError(f"reward {name!r}: {e}") from e
-                except Exception as e:
-                    raise RewardError(f"reward {name!r} raised {type(e).__name__}: {e}") from e
-                if isinstance(out, Mapping):
-                    if "score" not in out:
-                        raise RewardError(
-                            f"reward {name!r} returned a mapping without a 'score' entry "
-                            f"(keys: {sorted(out)})"
-                        )
-                    for sub, value in out.items():
-                        if sub != "score":
-                            result.details[f"{name}/{sub}"] = self._check_scores(f"{name}/{sub}", value, batch)
-                    out = out["score"]
-                result.components[name] = self._check_scores(name, out, batch)
+                one = score_reward(name, reward, videos, prompts, metadata)
+                result.components.update(one.components)
+                result.details.update(one.details)
         finally:
             if self.offload:
                 self._place("cpu")

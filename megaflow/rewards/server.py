@@ -39,7 +39,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from megaflow.errors import ConfigError, RewardError
-from megaflow.rewards.base import Reward, RewardSet, register_reward, validate_videos
+from megaflow.rewards.base import Reward, RewardSet, register_reward, score_reward, validate_videos
 from megaflow.rewards.frames import check_frames, frame_indices
 from megaflow.rewards.wire import (
     HTTPFailure,
@@ -75,21 +75,6 @@ class BadRequest(ValueError):
 
 
 # ------------------------------------------------------------------------------------------ server
-
-
-def _check_scores(label: str, value: Any, batch: int) -> list[float]:
-    """A reward output as `batch` finite floats, or RewardError."""
-    try:
-        tensor = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
-        tensor = tensor.detach().to(device="cpu", dtype=torch.float64)
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise RewardError(f"reward {label!r} returned {type(value).__name__}, not {batch} scores") from e
-    if tuple(tensor.shape) != (batch,):
-        raise RewardError(f"reward {label!r} returned shape {list(tensor.shape)}, expected [{batch}]")
-    scores = tensor.tolist()
-    if not all(math.isfinite(s) for s in scores):
-        raise RewardError(f"reward {label!r} returned non-finite scores {scores}")
-    return scores
 
 
 class RewardServer(ThreadingHTTPServer):
@@ -220,25 +205,13 @@ class RewardServer(ThreadingHTTPServer):
     ) -> dict[str, Any]:
         """Score with the rewards `names` (one scoring at a time): the reply of `POST /v1/score`."""
         validate_videos(videos, prompts, metadata)
-        batch = videos.shape[0]
         scores: dict[str, list[float]] = {}
         details: dict[str, list[float]] = {}
         with self.score_lock:
             for name in names:
-                try:
-                    out = self.rewards[name](videos, prompts, metadata)
-                except RewardError as e:
-                    raise RewardError(f"reward {name!r}: {e}") from e
-                except Exception as e:
-                    raise RewardError(f"reward {name!r} raised {type(e).__name__}: {e}") from e
-                if isinstance(out, Mapping):
-                    if "score" not in out:
-                        raise RewardError(f"reward {name!r} returned a mapping without 'score' (keys {sorted(out)})")
-                    for sub, value in out.items():
-                        if sub != "score":
-                            details[f"{name}/{sub}"] = _check_scores(f"{name}/{sub}", value, batch)
-                    out = out["score"]
-                scores[name] = _check_scores(name, out, batch)
+                one = score_reward(name, self.rewards[name], videos, prompts, metadata)
+                scores[name] = one.components[name].tolist()
+                details.update({k: v.tolist() for k, v in one.details.items()})
         return {"scores": scores, "details": details}
 
 
