@@ -38,7 +38,9 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8.0", "triton>=3.0"],
-        "gpu": ["flash-attn", "xformers"],
+        # model.attention_backend: the versions diffusers' attention dispatcher accepts. sageattention
+        # >= 2.1.1 is not on PyPI (1.x only), so `sage` needs a source build (megaflow.parallel.attention).
+        "gpu": ["flash-attn>=2.6.3", "xformers>=0.0.29"],
     },
     entry_points={"console_scripts": ["megaflow=megaflow.cli:main"]},
 )

@@ -1,4 +1,4 @@
-"""Command line: `megaflow train|bench ...` (also `python -m megaflow`)."""
+"""Command line: `megaflow train|plan|bench ...` (also `python -m megaflow`)."""
 from __future__ import annotations
 
 import argparse
@@ -77,7 +77,26 @@ def _bench(args: argparse.Namespace) -> int:
         from megaflow.bench.algorithms import main as bench_algorithms
 
         return bench_algorithms(args.rest)
+    if args.target == "train":
+        from megaflow.bench.train import main as bench_train
+
+        return bench_train(args.rest)
     raise MegaflowError(f"unknown benchmark '{args.target}'")
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import json
+
+    from megaflow.plan import load_plan_config, plan
+
+    cfg = load_plan_config(args.config, list(args.set or []))
+    report = plan(cfg, args.gpus, args.gpu_memory, recipe=args.config, host_memory=args.host_memory,
+                  gpus_per_node=args.gpus_per_node, reserve=args.reserve, mfu=args.mfu, peak_tflops=args.gpu_peak_tflops)
+    print(report.table())
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report.to_json(), f, indent=2)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,10 +161,28 @@ def build_parser() -> argparse.ArgumentParser:
     rserver.add_argument("--device", default=None, help="device for rewards that take one (e.g. cuda:1)")
     rserver.set_defaults(func=_reward_server)
 
+    plan = sub.add_parser("plan", help="per-rank memory, communication and time of a recipe on a cluster, and the "
+                                       "nearest layout that fits")
+    plan.add_argument("--config", required=True, help="built-in recipe name (e.g. wan_t2v_14b) or a YAML path")
+    plan.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable), as train")
+    plan.add_argument("--gpus", type=int, required=True, help="world size (GPUs in the job)")
+    plan.add_argument("--gpu-memory", type=float, required=True, help="memory per GPU in GiB (e.g. 80)")
+    plan.add_argument("--host-memory", type=float, default=None, help="host memory per node in GiB (default: not checked)")
+    plan.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
+    plan.add_argument("--reserve", type=float, default=0.1,
+                      help="fraction of GPU memory kept for the CUDA context and fragmentation (default 0.1)")
+    plan.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation for the time estimate "
+                                                             "(default 0.4)")
+    plan.add_argument("--gpu-peak-tflops", type=float, default=989.0,
+                      help="peak dense TFLOP/s of one GPU in the run's precision (default 989: H100/H200 bf16)")
+    plan.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+    plan.set_defaults(func=_plan)
+
     bench = sub.add_parser("bench", help="run a benchmark")
-    bench.add_argument("target", choices=["kernels", "algorithms"], help="what to benchmark")
+    bench.add_argument("target", choices=["kernels", "algorithms", "train"], help="what to benchmark")
     bench.add_argument("rest", nargs=argparse.REMAINDER,
-                       help="options of the benchmark (see `megaflow bench kernels -h`, `megaflow bench algorithms -h`)")
+                       help="options of the benchmark (see `megaflow bench kernels -h`, `megaflow bench algorithms -h`, "
+                            "`megaflow bench train -h`)")
     bench.set_defaults(func=_bench)
 
     from megaflow.demo.cli import add_demo_commands

@@ -33,6 +33,16 @@ class ModelConfig:
     lora_alpha: float = 8.0
     lora_targets: list[str] | None = None  #: transformer submodules LoRA adapts; null: the family's default
     init_weights: str | None = None  #: start from trainable weights `megaflow export` wrote (LoRA file or transformer/)
+    #: Attention kernels: native (torch SDPA) | flash | flash_varlen (flash-attn) | xformers | sage
+    #: (sageattention); the non-native ones need CUDA and their package (`pip install -e ".[gpu]"`), and
+    #: flash / flash_varlen / sage need train.precision=bf16 (megaflow.parallel.attention).
+    attention_backend: str = "native"
+    #: VAE decoding of the video families: `auto` tiles a latent larger than the VAE's tile (diffusers'
+    #: enable_tiling; Wan 480×832 and Hunyuan 720×1280 are tiled) | `off` decodes whole frames (more memory).
+    vae_tiling: str = "auto"
+    #: Video families: decode a chunk's samples one at a time (videos and rewards independent of the chunk
+    #: size and SP layout; one sample's decoder memory) | false: as one batch (faster on CPU at small sizes).
+    vae_slicing: bool = True
 
 
 @dataclass
@@ -143,6 +153,7 @@ class TrainConfig:
     sample_every: int = 1  #: log sample videos every k iterations (0: never)
     keep_checkpoints: int = 3  #: keep the newest k complete checkpoints (0: keep all)
     grad_checkpointing: float = 0.0  #: fraction of transformer blocks with activation checkpointing (0..1)
+    compile: bool = False  #: torch.compile each transformer block's forward (regional; megaflow.parallel.compile)
     ema_decay: float | None = None  #: EMA of the trainable weights, used by eval and export; None: no EMA
     ema_every: int = 1  #: optimizer steps between EMA updates
 
@@ -420,6 +431,8 @@ def validate_config(cfg: Config) -> None:
     from megaflow.algorithms.advantages import AGGREGATIONS
     from megaflow.algorithms.registry import ALGORITHMS
     from megaflow.kernels import BACKENDS
+    from megaflow.parallel.attention import backend_spec
+    from megaflow.models.vae import check_vae_settings
 
     def bad(msg: str) -> None:
         raise ConfigError(msg)
@@ -489,6 +502,11 @@ def validate_config(cfg: Config) -> None:
                 "model.lora matches the run they came from")
     if cfg.model.lora and cfg.model.lora_rank < 1:
         bad(f"model.lora_rank must be >= 1, got {cfg.model.lora_rank}")
+    if backend_spec(cfg.model.attention_backend).half_only and cfg.train.precision != "bf16":
+        bad(f"model.attention_backend={cfg.model.attention_backend} computes in fp16 / bf16 only; with "
+            f"train.precision={cfg.train.precision} every attention call would fail. Set train.precision=bf16, "
+            "or use model.attention_backend=native or xformers")
+    check_vae_settings(cfg.model.family, cfg.model.vae_tiling, cfg.model.vae_slicing)
 
 
 def _validate_algorithm(cfg: Config) -> None:

@@ -36,7 +36,12 @@ def get_adapter(family: str) -> type[ModelAdapter]:
 
 def resolve_model_path(path: str, family: str = "wan") -> Path:
     """A model folder: the aliases `tiny` (the family's tiny random model, written once to the
-    cache) and `demo` (the shipped shapes-world Wan model), else `path` itself."""
+    cache), `demo` (the shipped shapes-world Wan model) and `random:NAME[@SCALE]` (a real model's
+    folder with a weightless transformer, `megaflow.models.random_model`), else `path` itself."""
+    if str(path).startswith("random:"):
+        from megaflow.models.random_model import resolve_random_path
+
+        return resolve_random_path(str(path), family)
     if path == "tiny":
         from megaflow.models.tiny import tiny_model_dir
 

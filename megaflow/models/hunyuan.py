@@ -38,6 +38,7 @@ from torch import nn
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, LlamaModel
 
 from megaflow.models.base import ModelAdapter, TextConditioning, video_latent_shape
+from megaflow.parallel.attention import takes_key_mask, trim_text_padding
 
 #: Optional file in a model folder with the prompt template its tokenizer needs (module docstring).
 TEXT_SETTINGS_FILE = "megaflow_text.json"
@@ -299,13 +300,17 @@ class HunyuanVideoAdapter(ModelAdapter):
         """One transformer call: `x [B, C, F, H, W]`, `timestep [B]` (0..1000), text embeds
         `[B, L, D]` with mask `[B, L]` and pooled `[B, P]`, `guidance [B]` (the raw scale) → velocity
         `[B, C, F, H, W]`, or under sequence parallelism this rank's real tokens `[B, L_r, C·pt·p·p]`
-        (see `megaflow.parallel.joint_sp`)."""
+        (see `megaflow.parallel.joint_sp`). On an attention backend without masks (flash, sage) the
+        text padding all rows share is trimmed first (`megaflow.parallel.attention`)."""
         if text.mask is None or text.pooled is None:
             raise ValueError("HunyuanVideo needs each text branch's mask and pooled vector (use encode_prompts)")
         dtype = self.transformer_dtype
+        embeds, mask = text.embeds, text.mask
+        if not takes_key_mask(self.transformer):
+            embeds, mask = trim_text_padding(embeds, mask)
         out = self.transformer_call(
             hidden_states=self.transformer_inputs(x.to(dtype), extra), timestep=timestep,
-            encoder_hidden_states=text.embeds.to(dtype), encoder_attention_mask=text.mask.to(dtype),
+            encoder_hidden_states=embeds.to(dtype), encoder_attention_mask=mask.to(dtype),
             pooled_projections=text.pooled.to(dtype), guidance=self.guidance_input(guidance, dtype),
             return_dict=False,
         )[0]
@@ -319,13 +324,21 @@ class HunyuanVideoAdapter(ModelAdapter):
         if self._reference is not None:
             HunyuanSequenceParallel(self._reference, group)
 
+    #: `model.vae_tiling` (`megaflow.models.vae`): `auto` tiles latents larger than the VAE's tile.
+    vae_tiling: str = "auto"
+    #: `model.vae_slicing`: decode one sample at a time (videos independent of the batch).
+    vae_slicing: bool = True
+
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents `[B, C, F, H, W]` → `[B, F', 3, H', W']` in [0, 1] in the VAE's dtype (the pipelines' decode:
-        `latents / scaling_factor`, no mean / std)."""
+        `latents / scaling_factor`, no mean / std), tiled per `vae_tiling`, one sample at a time per
+        `vae_slicing` (`megaflow.models.vae`)."""
+        from megaflow.models.vae import decode_video
+
         vae = self.vae
         z = latents.to(self.device, vae.dtype) / vae.config.scaling_factor
-        video = vae.decode(z, return_dict=False)[0]
+        video = decode_video(vae, z, self.vae_tiling, self.vae_slicing)
         return (video * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4).contiguous()
 
     @property

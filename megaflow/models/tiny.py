@@ -22,6 +22,7 @@ Calling the pipelines on these folders:
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import shutil
@@ -180,12 +181,13 @@ def _build_clip_tokenizer() -> CLIPTokenizer:
                          model_max_length=_CLIP_MAX_LENGTH)
 
 
-def _umt5(tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
-    """The tiny UMT5 encoder of the Wan families (`d_model` 32)."""
+def _umt5(tokenizer: PreTrainedTokenizerFast, d_model: int = _TEXT_DIM, *, d_kv: int = 8, d_ff: int = 64,
+          num_layers: int = 2, num_heads: int = 4) -> PreTrainedModel:
+    """The tiny UMT5 encoder of the Wan families (`d_model` 32; the keywords size other variants)."""
     from transformers import UMT5Config, UMT5EncoderModel
 
     return UMT5EncoderModel(UMT5Config(
-        vocab_size=len(tokenizer), d_model=_TEXT_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        vocab_size=len(tokenizer), d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=num_layers, num_heads=num_heads,
         relative_attention_num_buckets=8, relative_attention_max_distance=32, dropout_rate=0.0,
         feed_forward_proj="gated-gelu", pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
@@ -193,12 +195,13 @@ def _umt5(tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
     ))
 
 
-def _t5(tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
-    """A tiny T5 v1.1 encoder (FLUX's / SD3's T5-XXL slot, `d_model` 32)."""
+def _t5(tokenizer: PreTrainedTokenizerFast, d_model: int = _TEXT_DIM, *, d_kv: int = 8, d_ff: int = 64,
+        num_layers: int = 2, num_heads: int = 4) -> PreTrainedModel:
+    """A tiny T5 v1.1 encoder (FLUX's / SD3's T5-XXL slot, `d_model` 32; the keywords size other variants)."""
     from transformers import T5Config, T5EncoderModel
 
     return T5EncoderModel(T5Config(
-        vocab_size=len(tokenizer), d_model=_TEXT_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        vocab_size=len(tokenizer), d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=num_layers, num_heads=num_heads,
         relative_attention_num_buckets=8, relative_attention_max_distance=32, dropout_rate=0.0,
         feed_forward_proj="gated-gelu", pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
@@ -206,28 +209,33 @@ def _t5(tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
     ))
 
 
-def _clip_text(tokenizer: CLIPTokenizer, hidden: int, projection: int | None = None) -> PreTrainedModel:
+def _clip_text(tokenizer: CLIPTokenizer, hidden: int, projection: int | None = None, *, layers: int = 2,
+               heads: int = 2, intermediate: int | None = None) -> PreTrainedModel:
     """A tiny CLIP text encoder: `CLIPTextModel`, or `CLIPTextModelWithProjection` when `projection`
-    is given (pooled `[B, projection]`); 2 layers, 77 positions."""
+    is given (pooled `[B, projection]`); 2 layers, 77 positions (the keywords size other variants;
+    `intermediate` defaults to `2 * hidden`)."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=2,
-        num_hidden_layers=2, projection_dim=projection or hidden, max_position_embeddings=_CLIP_MAX_LENGTH,
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
+        num_attention_heads=heads, num_hidden_layers=layers, projection_dim=projection or hidden,
+        max_position_embeddings=_CLIP_MAX_LENGTH,
         hidden_act="gelu", bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
 
 
-def _llama(tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
+def _llama(tokenizer: PreTrainedTokenizerFast, hidden: int = 16, *, intermediate: int = 32, heads: int = 4,
+           head_dim: int | None = None) -> PreTrainedModel:
     """A tiny Llama (HunyuanVideo's llava-llama-3 slot): hidden 16, 3 layers (the pipeline reads
-    `hidden_states[-3]`)."""
+    `hidden_states[-3]`); the keywords size other variants (`head_dim` default `hidden // heads`)."""
     from transformers import LlamaConfig, LlamaModel
 
     return LlamaModel(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_attention_heads=4,
-        num_key_value_heads=4, num_hidden_layers=3, max_position_embeddings=1024,
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate, num_attention_heads=heads,
+        num_key_value_heads=heads, head_dim=head_dim or hidden // heads, num_hidden_layers=3,
+        max_position_embeddings=1024,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
     ))
 
@@ -468,17 +476,45 @@ def write_tiny_wan(folder: str | Path, seed: int = 0) -> Path:
     return write_tiny_pipeline("wan", folder, seed)
 
 
-def tiny_model_dir(family: str = "wan", cache_root: str | Path | None = None) -> Path:
-    """The tiny model folder of `family` in the cache, written once (atomically) on first use.
+def cache_root(root: str | Path | None = None) -> Path:
+    """The model cache: `root`, else `$MEGAFLOW_CACHE`, else `~/.cache/megaflow`."""
+    return Path(root or os.environ.get("MEGAFLOW_CACHE") or Path.home() / ".cache" / "megaflow").expanduser()
 
-    The cache root is `cache_root`, else `$MEGAFLOW_CACHE`, else `~/.cache/megaflow`.
-    """
-    name = TINY_NAMES[_check_family(family)]
-    root = Path(cache_root or os.environ.get("MEGAFLOW_CACHE") or Path.home() / ".cache" / "megaflow")
-    root = root.expanduser()
+
+def cached_folder(name: str, writer: str, args: list[str], root: str | Path | None = None) -> Path:
+    """The model folder `name` in the cache, written once (atomically: into a temporary folder,
+    then renamed) by `writer(*args, folder)` ("module:function", string arguments); a folder is
+    complete once it has `model_index.json`. Under torch.distributed every process writes its own
+    copy in a fresh process (transformers' `save_pretrained` writes weights on rank 0 only); the
+    first rename wins."""
+    root = cache_root(root)
     final = root / name
     if (final / "model_index.json").is_file():
         return final
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
+    module, function = writer.split(":")
+    try:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            subprocess.run([sys.executable, "-c", "import importlib, sys; module, function = sys.argv[1].split(':'); "
+                            "getattr(importlib.import_module(module), function)(*sys.argv[2:])",
+                            writer, *args, str(tmp)], check=True, stdout=subprocess.DEVNULL)
+        else:
+            getattr(importlib.import_module(module), function)(*args, tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "model_index.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def tiny_model_dir(family: str = "wan", cache_root: str | Path | None = None) -> Path:
+    """The tiny model folder of `family` in the cache (`cached_folder`), written once on first use."""
+    return cached_folder(TINY_NAMES[_check_family(family)], "megaflow.models.tiny:write_tiny_pipeline", [family],
+                         cache_root)
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
     try:

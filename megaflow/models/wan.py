@@ -19,6 +19,7 @@ from torch import nn
 from transformers import AutoTokenizer, UMT5EncoderModel
 
 from megaflow.models.base import ModelAdapter, TextConditioning, video_latent_shape
+from megaflow.models.vae import decode_video
 
 try:
     import ftfy
@@ -178,13 +179,19 @@ class WanAdapter(ModelAdapter):
         std = torch.tensor(self.vae.config.latents_std).view(shape).to(z.device, z.dtype)
         return mean, std
 
+    #: `model.vae_tiling` (`megaflow.models.vae`): `auto` tiles latents larger than the VAE's tile.
+    vae_tiling: str = "auto"
+    #: `model.vae_slicing`: decode one sample at a time (videos independent of the batch).
+    vae_slicing: bool = True
+
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents `[B, C, F, H, W]` → `[B, F', 3, H', W']` in [0, 1] in the VAE's dtype (WanPipeline's decode)."""
+        """Latents `[B, C, F, H, W]` → `[B, F', 3, H', W']` in [0, 1] in the VAE's dtype (WanPipeline's decode),
+        tiled per `vae_tiling`, one sample at a time per `vae_slicing` (`megaflow.models.vae`)."""
         vae = self.vae
         z = latents.to(self.device, vae.dtype)
         mean, std = self._latent_stats(z)
-        video = vae.decode(z / (1.0 / std) + mean, return_dict=False)[0]
+        video = decode_video(vae, z / (1.0 / std) + mean, self.vae_tiling, self.vae_slicing)
         return (video * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4).contiguous()
 
     @property

@@ -156,10 +156,13 @@ def _cast_partitioned(param: nn.Parameter, dtype: torch.dtype) -> None:
     param.data = param.data.to(dtype)
 
 
-def zero3_transformer_loader(ds_config: dict[str, Any]) -> Callable[[type, Path, torch.dtype], nn.Module]:
+def zero3_transformer_loader(ds_config: dict[str, Any], *, weights: bool = True,
+                             seed: int = 0) -> Callable[[type, Path, torch.dtype], nn.Module]:
     """A loader that builds a diffusers model from `folder/config.json` under `deepspeed.zero.Init`
     (parameters partitioned as they are created) and fills it module by module from the
-    safetensors files, gathering one module's parameters at a time.
+    safetensors files, gathering one module's parameters at a time. `weights=False` (a random
+    folder, `megaflow.models.random_model`) fills it with random weights instead, the values
+    `random_transformer_loader(seed=seed)` gives on one process.
 
     The result has the dtypes `from_pretrained(torch_dtype=dtype)` gives on one process: every
     parameter in `dtype` except diffusers' keep-in-fp32 modules, and the construction-time buffers
@@ -185,10 +188,21 @@ def zero3_transformer_loader(ds_config: dict[str, Any]) -> Callable[[type, Path,
         # zero.Init casts buffers made in __init__ to its dtype: take them from the plain build.
         for name, buf in model.named_buffers():
             buf.data = plain_buffers[name].to(buf.device)
-        from megaflow.models.streaming import load_model_streaming
+        if weights:
+            from megaflow.models.streaming import load_model_streaming
 
-        load_model_streaming(model, folder, gather=lambda params: gathered_for_write(params, 3),
-                             read=dist.get_rank() == 0)
+            load_model_streaming(model, folder, gather=lambda params: gathered_for_write(params, 3),
+                                 read=dist.get_rank() == 0)
+        else:
+            from megaflow.models.random_model import init_random_parameter
+
+            for module_name, module in model.named_modules():
+                own = list(module.named_parameters(prefix=module_name, recurse=False))
+                if own:
+                    with gathered_for_write([p for _, p in own], 3):
+                        if dist.get_rank() == 0:
+                            for name, param in own:
+                                init_random_parameter(name, param.data, seed)
         model.eval()
         return model
 

@@ -23,11 +23,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.utils import apply_lora_scale
 
 from megaflow.errors import ConfigError
+from megaflow.parallel.attention import attention
 from megaflow.parallel.ulysses import (
     SequenceShards, check_heads_divisible, heads_to_seq, pad_to_multiple, seq_to_heads, shard,
 )
@@ -82,19 +82,19 @@ def part_major_order(lengths: Sequence[int], sp: int, device: torch.device) -> t
 
 
 def ulysses_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-                      group: Any, parts: Sequence[int] | None = None) -> torch.Tensor:
+                      group: Any, parts: Sequence[int] | None = None, backend: str = "native") -> torch.Tensor:
     """Attention of this rank's queries `[B, l, H, d]` over every rank's keys / values (same
-    layout): all-to-all to `[B, sp·l, H/sp, d]`, SDPA with the key mask `[B, 1, 1, sp·l]`,
-    all-to-all back. Returns `[B, l, H·d]` in `query`'s dtype. `parts`: the per-rank lengths of
-    the concatenated parts (image, text); keys, values and mask are then put in one-process order,
-    so the softmax sums round as on one process."""
-    q, k, v = (seq_to_heads(t, group).transpose(1, 2) for t in (query, key, value))
+    layout): all-to-all to `[B, sp·l, H/sp, d]`, attention on `backend` (`megaflow.parallel.attention`)
+    with the key mask `[B, 1, 1, sp·l]`, all-to-all back. Returns `[B, l, H·d]` in `query`'s dtype.
+    `parts`: the per-rank lengths of the concatenated parts (image, text); keys, values and mask are
+    then put in one-process order, so the softmax sums round as on one process."""
+    q, k, v = (seq_to_heads(t, group) for t in (query, key, value))
     if parts is not None and len(parts) > 1:
         order = part_major_order(parts, dist.get_world_size(group), k.device)
-        k, v = k[:, :, order], v[:, :, order]
+        k, v = k[:, order], v[:, order]
         mask = None if mask is None else mask[..., order]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
-    return heads_to_seq(out.transpose(1, 2), group).flatten(2, 3).to(query.dtype)
+    out = attention(q, k, v, mask, backend)
+    return heads_to_seq(out, group).flatten(2, 3).to(query.dtype)
 
 
 def _project(attn: Any, x: torch.Tensor, added: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -130,6 +130,8 @@ class UlyssesJointAttnProcessor:
 
     def __init__(self, group: Any) -> None:
         self.group = group
+        #: `model.attention_backend` (`megaflow.parallel.attention`); set by `apply_attention_backend`.
+        self.backend = "native"
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None,
@@ -145,10 +147,10 @@ class UlyssesJointAttnProcessor:
             k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
         if encoder_hidden_states is None:
             mask = leading_part_mask(attention_mask, n, dist.get_world_size(self.group))
-            return _output(attn, ulysses_attention(q, k, v, mask, self.group), None)[0]
+            return _output(attn, ulysses_attention(q, k, v, mask, self.group, backend=self.backend), None)[0]
         eq, ek, ev = _project(attn, encoder_hidden_states, added=_has_added(attn))
         q, k, v = torch.cat([q, eq], 1), torch.cat([k, ek], 1), torch.cat([v, ev], 1)
-        out = ulysses_attention(q, k, v, attention_mask, self.group, parts=(n, eq.shape[1]))
+        out = ulysses_attention(q, k, v, attention_mask, self.group, parts=(n, eq.shape[1]), backend=self.backend)
         return _output(attn, out[:, :n], out[:, n:])
 
 
@@ -158,6 +160,8 @@ class UlyssesFluxAttnProcessor:
 
     def __init__(self, group: Any) -> None:
         self.group = group
+        #: `model.attention_backend` (`megaflow.parallel.attention`); set by `apply_attention_backend`.
+        self.backend = "native"
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None,
@@ -176,7 +180,8 @@ class UlyssesFluxAttnProcessor:
         if image_rotary_emb is not None:
             q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
             k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
-        out = ulysses_attention(q, k, v, attention_mask, self.group, parts=(m, q.shape[1] - m))
+        out = ulysses_attention(q, k, v, attention_mask, self.group, parts=(m, q.shape[1] - m),
+                                backend=self.backend)
         if encoder_hidden_states is None:
             return out
         return _output(attn, out[:, m:], out[:, :m])

@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from diffusers.models.transformers.transformer_wan import _get_qkv_projections
 
 from megaflow.errors import ConfigError
+from megaflow.parallel.attention import attention
 from megaflow.parallel.ulysses import (
     SequenceShards, check_heads_divisible, heads_to_seq, pad_to_multiple, seq_to_heads, shard,
 )
@@ -46,6 +46,8 @@ class UlyssesWanAttnProcessor:
 
     def __init__(self, group: Any) -> None:
         self.group = group
+        #: `model.attention_backend` (`megaflow.parallel.attention`); set by `apply_attention_backend`.
+        self.backend = "native"
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None,
@@ -62,10 +64,9 @@ class UlyssesWanAttnProcessor:
             query = _rotate(query, rotary_emb[0], rotary_emb[1])
             key = _rotate(key, rotary_emb[0], rotary_emb[1])
             mask = rotary_emb[2] if len(rotary_emb) > 2 else None
-        query, key, value = (seq_to_heads(t, self.group).transpose(1, 2) for t in (query, key, value))
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=None if mask is None else mask[None, None, None, :],
-                                             dropout_p=0.0, is_causal=False)
-        out = heads_to_seq(out.transpose(1, 2), self.group).flatten(2, 3).type_as(query)
+        query, key, value = (seq_to_heads(t, self.group) for t in (query, key, value))
+        out = attention(query, key, value, None if mask is None else mask[None, None, None, :], self.backend)
+        out = heads_to_seq(out, self.group).flatten(2, 3).type_as(query)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
 

@@ -26,10 +26,14 @@ from megaflow.errors import ConfigError, RewardError
 from megaflow.data.images import load_image
 from megaflow.models import get_adapter, resolve_model_path
 from megaflow.models.base import Conditioning, ModelAdapter
+from megaflow.models.vae import configure_vae
+from megaflow.models.random_model import is_random_folder, random_transformer_loader
 from megaflow.monitor.progress import progress
 from megaflow.monitor.writer import MetricsWriter
 from megaflow.rewards import RewardSet
+from megaflow.parallel.attention import apply_attention_backend, check_attention_backend
 from megaflow.parallel.checkpointing import apply_activation_checkpointing
+from megaflow.parallel.compile import compile_blocks
 from megaflow.parallel.topology import init_topology, launched_world_size
 from megaflow.sampling.plans import StepPlan
 from megaflow.sampling.schedule import flow_sigmas
@@ -56,12 +60,16 @@ def load_adapter(cfg: Config, device: torch.device, transformer_loader: Any = No
 
     LoRA initialisation draws from torch's generator, seeded from `cfg.seed` so that every rank
     and every layout starts from the same weights. With `data.text_cache` the text encoders are
-    not loaded (the prompts come from the cache, `megaflow.data.text_cache`)."""
+    not loaded (the prompts come from the cache, `megaflow.data.text_cache`). A random folder
+    (`model.path=random:...`) gets random transformer weights seeded from `cfg.seed`."""
     frozen_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     lora = cfg.model.lora
     transformer_dtype = frozen_dtype if lora else torch.float32
+    folder = resolve_model_path(cfg.model.path, cfg.model.family)
+    if transformer_loader is None and is_random_folder(folder):
+        transformer_loader = random_transformer_loader(device, seed=random_weights_seed(cfg))
     adapter = get_adapter(cfg.model.family).from_pretrained(
-        resolve_model_path(cfg.model.path, cfg.model.family), dtype=frozen_dtype, device=device, transformer_dtype=transformer_dtype,
+        folder, dtype=frozen_dtype, device=device, transformer_dtype=transformer_dtype,
         transformer_loader=transformer_loader, text_encoders=not cfg.data.text_cache)
     torch.manual_seed(derive_seed(cfg.seed, "init") % 2**62)
     if lora:
@@ -76,6 +84,11 @@ def load_adapter(cfg: Config, device: torch.device, transformer_loader: Any = No
         adapter.enable_full_finetune(keep_reference=cfg.algorithm.kl_beta > 0 and cfg.parallel.zero_stage != 3,
                                      reference_dtype=frozen_dtype)
     return adapter
+
+
+def random_weights_seed(cfg: Config) -> int:
+    """The seed of a random folder's transformer weights: the same in every process and layout."""
+    return derive_seed(cfg.seed, "random_weights") % 2**62
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -96,6 +109,7 @@ class Trainer:
     def __init__(self, cfg: Config, *, show_progress: bool = True, resume: str | None = None) -> None:
         validate_config(cfg)
         validate_parallel(cfg, launched_world_size())
+        check_attention_backend(cfg.model.attention_backend)
         p = cfg.parallel
         adapter_cls = get_adapter(cfg.model.family)
         if p.sp_size > 1:
@@ -145,8 +159,11 @@ class Trainer:
             self.ds_config, adamw = load_ds_config(
                 cfg, grad_accum_steps=max(1, window // self.topo.dp_size * steps_per_sample))
             if p.zero_stage == 3:
-                loader = zero3_transformer_loader(self.ds_config)
+                weightless = is_random_folder(resolve_model_path(cfg.model.path, cfg.model.family))
+                loader = zero3_transformer_loader(self.ds_config, weights=not weightless,
+                                                  seed=random_weights_seed(cfg))
         self.adapter = load_adapter(cfg, self.device, loader)
+        configure_vae(self.adapter, cfg.model.vae_tiling, cfg.model.vae_slicing)
         self._build_parallel(loader, adamw if p.zero_stage > 0 else None)
         self.ema = None
         if cfg.train.ema_decay is not None:
@@ -191,8 +208,9 @@ class Trainer:
                        if self.topo.is_main else None)
 
     def _build_parallel(self, loader: Any, adamw: dict[str, Any] | None) -> None:
-        """Reference engine, sequence parallelism, activation checkpointing, ZeRO leaf modules
-        and the DeepSpeed engine (or the plain optimizer on the single-process path)."""
+        """Reference engine, sequence parallelism, attention backend, activation checkpointing,
+        regional compile, ZeRO leaf modules and the DeepSpeed engine (or the plain optimizer on the
+        single-process path)."""
         cfg, topo, adapter = self.cfg, self.topo, self.adapter
         stage = cfg.parallel.zero_stage
         mpu = None
@@ -209,7 +227,13 @@ class Trainer:
             adapter._reference = reference
         if topo.sp_size > 1:
             adapter.enable_sequence_parallel(topo.sp_group)
+        models = [m for m in (adapter.transformer, adapter._reference) if m is not None]
+        for model in models:
+            apply_attention_backend(model, cfg.model.attention_backend)
         apply_activation_checkpointing(adapter.transformer, adapter.block_classes, cfg.train.grad_checkpointing)
+        if cfg.train.compile:  # last, once the blocks are what they will run (tracing is at the first forward)
+            for model in models:
+                compile_blocks(model, adapter.block_classes)
         self.loss_scale = 1.0
         if stage == 0:
             self.optimizer = torch.optim.AdamW(
@@ -317,7 +341,7 @@ class Trainer:
                 self.algorithm.program, self.adapter, prompt_cond, cond, local_keys, plan.select(local_idx),
                 self.settings, latent_shape=self.latent_shape, seed=cfg.seed, iteration=iteration,
                 chunk_size=cfg.rollout.chunk_size, micro_batch_size=cfg.train.micro_batch_size,
-                share_noise=cfg.rollout.share_noise, on_videos=score if topo.is_sp_leader else None,
+                share_noise=cfg.rollout.share_noise, on_videos=score,
                 show_progress=self.show_progress, subbatch_steps={i for steps in plan.trained for i in steps},
                 sp_group=topo.sp_group if topo.sp_size > 1 else None,
                 keep_mean=LOSSES[cfg.algorithm.loss].needs_old_mean, collective=cfg.parallel.zero_stage == 3,

@@ -21,6 +21,7 @@ import torch
 from megaflow.kernels import LogProbOut, sde_log_prob
 from megaflow.models.base import Conditioning, ModelAdapter
 from megaflow.monitor.progress import progress
+from megaflow.parallel.decode import spread_decode
 from megaflow.sampling.plans import StepPlan, granular_indices
 from megaflow.sampling.steps import StepOutput, step
 from megaflow.seeds import generator
@@ -147,10 +148,11 @@ def run_rollout(adapter: ModelAdapter, cond: Conditioning, keys: Sequence[tuple[
     """The chain program: generate `len(keys)` samples (`keys[s] = (slot, sample)`) along `plan`
     (its grid and per-step solver: Euler, the SDE kind, or DPM-Solver++(2M), whose history of
     data predictions runs through every step of a sample) in chunks; decode each chunk and hand
-    its videos `[c, F, 3, H, W]` to `on_videos(videos, sample_slice, 0)` (None: no decode, the SP
-    ranks other than the group's first). `subbatch_steps`: steps evaluated in micro-batches
-    (default: the steps `plan` trains for some sample). `keep_mean`: also keep each trained
-    step's mean (GRPO-Guard)."""
+    its videos `[c, F, 3, H, W]` to `on_videos(videos, sample_slice, 0)` (None: no decode). Under
+    sequence parallelism every rank of the group decodes a share of the chunk and only the group's
+    first rank calls `on_videos` (`megaflow.parallel.decode`), so all pass it or none.
+    `subbatch_steps`: steps evaluated in micro-batches (default: the steps `plan` trains for some
+    sample). `keep_mean`: also keep each trained step's mean (GRPO-Guard)."""
     from megaflow.sampling.dpm import History, data_prediction, dpm_solver_2m_step
 
     device = adapter.device
@@ -195,7 +197,9 @@ def run_rollout(adapter: ModelAdapter, cond: Conditioning, keys: Sequence[tuple[
             x = x_next
             bar.update(c)
         if on_videos is not None:
-            on_videos(adapter.decode(x.to(adapter.dtype)), idx, 0)
+            videos = spread_decode(adapter.decode, x.to(adapter.dtype), sp_group)
+            if videos is not None:
+                on_videos(videos, idx, 0)
     bar.close()
     return store.rollout(keys, trained, sigmas, float(plan.num_steps))
 
@@ -219,8 +223,9 @@ def run_tree_rollout(adapter: ModelAdapter, prompt_cond: Conditioning, cond: Con
     from one initial noise; each sample `keys[s]` (with `cond[s]`) takes one SDE step from the
     anchor at its trained step k, which the update trains, and is finished by Euler once per
     granularity λ on the grid `granular_indices`, which ends at σ = 0. Videos of granularity j go
-    to `on_videos(videos, sample_slice, j)`. `collective`: every rank must make the same number
-    of model calls (ZeRO-3), so a chunk whose samples have all finished still calls the model."""
+    to `on_videos(videos, sample_slice, j)` (decoded as in `run_rollout`). `collective`: every rank
+    must make the same number of model calls (ZeRO-3), so a chunk whose samples have all finished
+    still calls the model."""
     device = adapter.device
     sigmas = plan.sigmas
     n, num_steps = len(keys), plan.num_steps
@@ -282,7 +287,9 @@ def run_tree_rollout(adapter: ModelAdapter, prompt_cond: Conditioning, cond: Con
                                      s_next[: len(active)]).prev_sample
                     bar.update(len(active))
             if on_videos is not None:
-                on_videos(adapter.decode(x.to(adapter.dtype)), idx, column)
+                videos = spread_decode(adapter.decode, x.to(adapter.dtype), sp_group)
+                if videos is not None:
+                    on_videos(videos, idx, column)
     bar.close()
     return store.rollout(keys, trained, sigmas, tree_nfe_per_sample(num_steps, branch, granularities))
 

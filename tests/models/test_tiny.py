@@ -281,12 +281,12 @@ def test_tiny_model_dir_loses_race_cleanly(tmp_path: Path, monkeypatch: pytest.M
 
 def test_tiny_model_dir_under_distributed_writes_in_a_subprocess(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """Under torch.distributed the folder is written by `python -c CODE FAMILY FOLDER` (run here in-process)."""
+    """Under torch.distributed the folder is written by `python -c CODE WRITER FAMILY FOLDER` (run here in-process)."""
     calls = []
 
     def run(argv: list[str], **kwargs: object) -> None:
         assert argv[:2] == [sys.executable, "-c"]
-        calls.append(argv[3])
+        calls.append(argv[3:-1])
         monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)  # a fresh process
         monkeypatch.setattr(sys, "argv", ["-c", *argv[3:]])
         exec(argv[2], {})
@@ -294,5 +294,5 @@ def test_tiny_model_dir_under_distributed_writes_in_a_subprocess(tmp_path: Path,
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(tiny.subprocess, "run", run)
     folder = tiny_model_dir("flux", cache_root=tmp_path)
-    assert calls == ["flux"] and folder == tmp_path / TINY_NAMES["flux"]
+    assert calls == [["megaflow.models.tiny:write_tiny_pipeline", "flux"]] and folder == tmp_path / TINY_NAMES["flux"]
     assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "FluxPipeline"
