@@ -8,8 +8,10 @@
 #   1. megaflow bench kernels                      the fused log-prob kernels (Triton rows)
 #   2. megaflow bench train, Wan 2.1 T2V 1.3B at 480x832x33, LoRA, every attention backend that
 #      runs on the machine (native always; flash / flash_varlen / xformers / sage when installed)
-#   3. megaflow bench train, HunyuanVideo (12.8B, LoRA, bf16) at 544x960x33: the largest slice whose
-#      iteration fits one GPU and this script's time budget (megaflow plan says what fits)
+#   3. megaflow bench train, HunyuanVideo as its recipe trains it (full fine-tune, bf16, checkpointing)
+#      at 544x960x33: the largest slice that fits one GPU, at full width: half its blocks on an H200
+#      (depth 0.5: `megaflow plan` puts it at 103 GiB of 139; 0.6 would leave no margin), a quarter on
+#      an 80 GiB H100
 #   4. megaflow plan for the same layouts on one GPU, against the peaks measured in 2 and 3
 # Models are the real configs with random weights (model.path=random:NAME), so nothing is downloaded.
 # Append OUT/benchmarks_gpu.md to BENCHMARKS.md afterwards.
@@ -41,6 +43,8 @@ run)
     md="$OUT/benchmarks_gpu.md"
     mf() { python3 -m megaflow "$@"; }
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+    gpu_gib=$(python3 -c "import torch; print(int(torch.cuda.get_device_properties(0).total_memory / 2**30))")
+    hy_depth=$([ "$gpu_gib" -ge 120 ] && echo 0.5 || echo 0.25)
 
     echo "== 1. kernels"
     mf bench kernels --json "$OUT/kernels.json" --markdown "$md"
@@ -48,9 +52,9 @@ run)
     single_gpu=(--set parallel.zero_stage=0 --set parallel.sp_size=1 --set parallel.hpz_partition_size=1)
     wan=(--config wan_t2v_1_3b --frames 33 --height 480 --width 832 --steps 8 --chunk 2 --repeats 3
          "${single_gpu[@]}" --set train.micro_batch_size=2)
-    hunyuan=(--config hunyuan_t2v --frames 33 --height 544 --width 960 --steps 4 --chunk 1 --repeats 2
-             "${single_gpu[@]}" --set model.lora=true --set model.lora_rank=32 --set rollout.gather_weights=false
-             --set train.micro_batch_size=1 --set train.grad_checkpointing=1.0)
+    hunyuan=(--config hunyuan_t2v --scale width=1,depth=$hy_depth --frames 33 --height 544 --width 960 --steps 4 --chunk 1
+             --repeats 2 "${single_gpu[@]}" --set rollout.gather_weights=false --set train.micro_batch_size=1
+             --set train.grad_checkpointing=1.0)
 
     echo "== 2. Wan 2.1 1.3B, each attention backend this machine runs"
     for backend in native flash flash_varlen xformers sage; do
@@ -67,14 +71,13 @@ run)
     mf bench train "${hunyuan[@]}" --json "$OUT/train_hunyuan.json" --markdown "$md"
 
     echo "== 4. megaflow plan against the measured peaks"
-    mf plan --gpus 1 --gpu-memory 139 "${wan[@]:0:2}" --set video.frames=33 --set video.height=480 \
+    mf plan --gpus 1 --gpu-memory "$gpu_gib" "${wan[@]:0:2}" --set video.frames=33 --set video.height=480 \
         --set video.width=832 --set sampling.num_steps=8 --set rollout.chunk_size=2 "${single_gpu[@]}" \
         --set train.micro_batch_size=2 --set model.path=random:wan2.1_t2v_1.3b --json "$OUT/plan_wan.json"
-    mf plan --gpus 1 --gpu-memory 139 "${hunyuan[@]:0:2}" --set video.frames=33 --set video.height=544 \
+    mf plan --gpus 1 --gpu-memory "$gpu_gib" "${hunyuan[@]:0:2}" --set video.frames=33 --set video.height=544 \
         --set video.width=960 --set sampling.num_steps=4 --set rollout.chunk_size=1 "${single_gpu[@]}" \
-        --set model.lora=true --set model.lora_rank=32 --set rollout.gather_weights=false \
-        --set train.micro_batch_size=1 --set train.grad_checkpointing=1.0 \
-        --set model.path=random:hunyuan_video_t2v --json "$OUT/plan_hunyuan.json"
+        --set rollout.gather_weights=false --set train.micro_batch_size=1 --set train.grad_checkpointing=1.0 \
+        --set model.path=random:hunyuan_video_t2v@width=1,depth=$hy_depth --json "$OUT/plan_hunyuan.json"
     python3 -m megaflow.bench.plan_check "$OUT/plan_wan.json" "$OUT/train_wan_native.json" \
         "$OUT/plan_hunyuan.json" "$OUT/train_hunyuan.json" --markdown "$md"
     ;;

@@ -515,22 +515,3 @@ def tiny_model_dir(family: str = "wan", cache_root: str | Path | None = None) ->
     """The tiny model folder of `family` in the cache (`cached_folder`), written once on first use."""
     return cached_folder(TINY_NAMES[_check_family(family)], "megaflow.models.tiny:write_tiny_pipeline", [family],
                          cache_root)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
-    try:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # transformers' save_pretrained writes weights on distributed rank 0 only: every rank
-            # writes its own copy in a fresh process instead (the first rename wins).
-            subprocess.run([sys.executable, "-c", "import sys; from megaflow.models.tiny import write_tiny_pipeline; "
-                            "write_tiny_pipeline(sys.argv[1], sys.argv[2])", family, str(tmp)],
-                           check=True, stdout=subprocess.DEVNULL)
-        else:
-            write_tiny_pipeline(family, tmp)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "model_index.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
