@@ -330,33 +330,20 @@ def prepare(trainer: Trainer) -> Workload:
 
 
 def rollout_chunk(trainer: Trainer, w: Workload) -> Rollout:
-    """`run_program` over this rank's chunk with `run_iteration`'s arguments, without decoding."""
-    from megaflow.algorithms.losses import LOSSES
-    from megaflow.trainer.rollout import run_program
-
-    cfg, topo = trainer.cfg, trainer.topo
-    return run_program(
-        trainer.algorithm.program, trainer.adapter, w.prompt_cond, w.cond, w.local_keys, w.plan, trainer.settings,
-        latent_shape=trainer.latent_shape, seed=cfg.seed, iteration=0, chunk_size=cfg.rollout.chunk_size,
-        micro_batch_size=cfg.train.micro_batch_size, share_noise=cfg.rollout.share_noise, on_videos=None,
-        show_progress=False, subbatch_steps=w.subbatch_steps, sp_group=topo.sp_group if topo.sp_size > 1 else None,
-        keep_mean=LOSSES[cfg.algorithm.loss].needs_old_mean, collective=cfg.parallel.zero_stage == 3,
-        **trainer.algorithm.program_options(cfg.algorithm))
+    """`Trainer.rollout` over this rank's chunk, as `run_iteration` calls it, without decoding."""
+    return trainer.rollout(w.prompt_cond, w.cond, w.local_keys, w.plan, 0, on_videos=None,
+                           subbatch_steps=w.subbatch_steps, show_progress=False)
 
 
 def update_chunk(trainer: Trainer, w: Workload, rollout: Rollout, advantages: torch.Tensor) -> dict[str, float]:
     """`policy_update` of the chunk's rollout with `advantages [chunk × dp]` and unit weights, laid out
     as `run_iteration` lays it out."""
-    from megaflow.trainer.update import DistributedUpdate, policy_update
+    from megaflow.trainer.update import policy_update
 
-    topo = trainer.topo
     weights = torch.ones(len(w.keys))
     mine = torch.tensor(w.local_idx, dtype=torch.long)
-    layout = DistributedUpdate(engine=trainer.engine, dp_size=topo.dp_size, dp_rank=topo.dp_rank,
-                               dp_group=topo.dp_group if topo.distributed else None,
-                               sp_group=topo.sp_group if topo.sp_size > 1 else None, loss_scale=trainer.loss_scale)
     return policy_update(trainer.adapter, rollout, w.cond, advantages[mine], weights[mine], trainer.settings,
-                         trainer.update_settings, trainer.optimizer, show_progress=False, layout=layout,
+                         trainer.update_settings, trainer.optimizer, show_progress=False, layout=trainer.update_layout(),
                          global_weights=weights, on_optimizer_step=trainer._after_optimizer_step)
 
 

@@ -32,6 +32,21 @@ def diffusers_param_dtype(model_cls: type, name: str, dtype: torch.dtype) -> tor
     return torch.float32 if any(k in name.split(".") for k in keep) else dtype
 
 
+def meta_build(model_cls: type, config: dict[str, Any], dtype: torch.dtype) -> nn.Module:
+    """`model_cls` from `config` with its parameters on the meta device (no memory) and its
+    construction-time buffers (rotary tables) built for real under default dtype `dtype`, as
+    `from_pretrained(torch_dtype=dtype)` computes them."""
+    from accelerate import init_empty_weights
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with init_empty_weights(include_buffers=False):
+            return model_cls.from_config(config)
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def video_latent_shape(name: str, frames: int, height: int, width: int, *, temporal: int, spatial: int,
                        patch: tuple[int, int, int], channels: int) -> tuple[int, int, int, int]:
     """`(channels, (frames−1)//temporal + 1, height//spatial, width//spatial)`: the latent of a

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from megaflow.errors import ConfigError
-from megaflow.models.base import diffusers_param_dtype
+from megaflow.models.base import diffusers_param_dtype, meta_build
 from megaflow.models.real import REAL_MODELS, RealModel
 
 if TYPE_CHECKING:
@@ -427,20 +427,6 @@ def init_random_parameter(name: str, param: torch.Tensor, seed: int) -> None:
         param.normal_(0.0, 1.0 / math.sqrt(fan_in), generator=generator)
 
 
-def _meta_build(model_cls: type, config: dict[str, Any], dtype: torch.dtype) -> nn.Module:
-    """`model_cls` from `config` with parameters on the meta device (in `dtype`) and buffers built
-    for real under default dtype `dtype`, as `diffusers_layout` does (what `from_pretrained` makes)."""
-    from accelerate import init_empty_weights
-
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with init_empty_weights(include_buffers=False):
-            return model_cls.from_config(config)
-    finally:
-        torch.set_default_dtype(previous)
-
-
 def random_transformer_loader(device: torch.device | str, *,
                               seed: int = 0) -> Callable[[type, Path, torch.dtype], nn.Module]:
     """A `transformer_loader(model_cls, folder, dtype)` (see `ModelAdapter.from_pretrained`) that
@@ -454,7 +440,7 @@ def random_transformer_loader(device: torch.device | str, *,
 
     def load(model_cls: type, folder: Path, dtype: torch.dtype) -> nn.Module:
         config = model_cls.load_config(folder)
-        model = _meta_build(model_cls, config, dtype)
+        model = meta_build(model_cls, config, dtype)
         buffers = dict(model.named_buffers())
         for module_name, module in model.named_modules():
             for key, param in list(module._parameters.items()):

@@ -15,7 +15,7 @@ from torch import nn
 
 from megaflow.config import Config
 from megaflow.errors import ConfigError
-from megaflow.models.base import diffusers_param_dtype
+from megaflow.models.base import diffusers_param_dtype, meta_build
 
 AUTO = "auto"
 
@@ -123,15 +123,7 @@ def diffusers_layout(model_cls: type, config: dict[str, Any],
     """What `model_cls.from_pretrained(..., torch_dtype=dtype)` makes, without any weights:
     each parameter's dtype (diffusers keeps `_keep_in_fp32_modules` in fp32 under a half dtype)
     and the buffers computed at construction (rotary tables), built under the same default dtype."""
-    from accelerate import init_empty_weights
-
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with init_empty_weights(include_buffers=False):
-            plain = model_cls.from_config(config)
-    finally:
-        torch.set_default_dtype(previous)
+    plain = meta_build(model_cls, config, dtype)
     param_dtypes = {name: diffusers_param_dtype(model_cls, name, dtype) if p.is_floating_point() else p.dtype
                     for name, p in plain.named_parameters()}
     return param_dtypes, dict(plain.named_buffers())

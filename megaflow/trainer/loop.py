@@ -337,15 +337,9 @@ class Trainer:
 
         t_rollout = time.perf_counter()
         with self._rollout_weights():
-            rollout = run_program(
-                self.algorithm.program, self.adapter, prompt_cond, cond, local_keys, plan.select(local_idx),
-                self.settings, latent_shape=self.latent_shape, seed=cfg.seed, iteration=iteration,
-                chunk_size=cfg.rollout.chunk_size, micro_batch_size=cfg.train.micro_batch_size,
-                share_noise=cfg.rollout.share_noise, on_videos=score,
-                show_progress=self.show_progress, subbatch_steps={i for steps in plan.trained for i in steps},
-                sp_group=topo.sp_group if topo.sp_size > 1 else None,
-                keep_mean=LOSSES[cfg.algorithm.loss].needs_old_mean, collective=cfg.parallel.zero_stage == 3,
-                **self.algorithm.program_options(cfg.algorithm))
+            rollout = self.rollout(prompt_cond, cond, local_keys, plan.select(local_idx), iteration, on_videos=score,
+                                   subbatch_steps={i for steps in plan.trained for i in steps},
+                                   show_progress=self.show_progress)
         try:
             scored = self.scorer.results()
         except RewardError as e:
@@ -366,10 +360,7 @@ class Trainer:
         adv = self.advantages(components, groups)
         t_update = time.perf_counter()
         mine = torch.tensor(local_idx, dtype=torch.long)
-        layout = DistributedUpdate(engine=self.engine, dp_size=topo.dp_size, dp_rank=topo.dp_rank,
-                                   dp_group=topo.dp_group if topo.distributed else None,
-                                   sp_group=topo.sp_group if topo.sp_size > 1 else None,
-                                   loss_scale=self.loss_scale)
+        layout = self.update_layout()
         update_metrics = policy_update(self.adapter, rollout, cond, adv.values[mine], adv.weights[mine], self.settings,
                                        self.update_settings, self.optimizer, show_progress=self.show_progress,
                                        layout=layout, global_weights=adv.weights,
@@ -416,6 +407,28 @@ class Trainer:
                 self.writer.log_video("samples/videos", videos, iteration + 1)
                 self.writer.log_text("samples/prompt", texts[0], iteration + 1)
         return metrics
+
+    def rollout(self, prompt_cond: Conditioning, cond: Conditioning, local_keys: list[tuple[int, int]],
+                plan: StepPlan, iteration: int, *, on_videos: Any, subbatch_steps: set[int],
+                show_progress: bool) -> Any:
+        """The algorithm's rollout program over this rank's samples `local_keys` (their `cond`, their
+        `plan`) with the run's sampler, chunking, noise and layout settings (`run_program`)."""
+        cfg, topo = self.cfg, self.topo
+        return run_program(
+            self.algorithm.program, self.adapter, prompt_cond, cond, local_keys, plan, self.settings,
+            latent_shape=self.latent_shape, seed=cfg.seed, iteration=iteration, chunk_size=cfg.rollout.chunk_size,
+            micro_batch_size=cfg.train.micro_batch_size, share_noise=cfg.rollout.share_noise, on_videos=on_videos,
+            show_progress=show_progress, subbatch_steps=subbatch_steps,
+            sp_group=topo.sp_group if topo.sp_size > 1 else None,
+            keep_mean=LOSSES[cfg.algorithm.loss].needs_old_mean, collective=cfg.parallel.zero_stage == 3,
+            **self.algorithm.program_options(cfg.algorithm))
+
+    def update_layout(self) -> DistributedUpdate:
+        """How `policy_update` splits and reduces over this run's ranks."""
+        topo = self.topo
+        return DistributedUpdate(engine=self.engine, dp_size=topo.dp_size, dp_rank=topo.dp_rank,
+                                 dp_group=topo.dp_group if topo.distributed else None,
+                                 sp_group=topo.sp_group if topo.sp_size > 1 else None, loss_scale=self.loss_scale)
 
     def _after_optimizer_step(self) -> None:
         """Count the job's optimizer steps (they survive a resume) and update the EMA."""
