@@ -242,7 +242,7 @@ def example_inputs(family: str, config: dict[str, Any], batch: int, latent: tupl
                    text: int, image: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """Transformer forward kwargs for `batch` samples of `latent [C, F, H, W]` with `text` text
     tokens (`image`: Wan I2V image tokens): random tensors in the current tensor mode."""
-    B, (C, F, H, W) = batch, latent
+    B, (_, F, H, W) = batch, latent
     t = torch.full((B,), 500.0)
     cin = int(config["in_channels"])
     if family.startswith("wan"):

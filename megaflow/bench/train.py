@@ -501,7 +501,7 @@ def measure(trainer: Trainer, setup: BenchSetup, *, repeats: int, peak_tflops: f
             timings["reward_s_per_sample"] = _median(times) / chunk
             timings["peak_reward_mib"] = _mib(extra)
             reward_status = "ok"
-    del videos
+    videos = None  # the decoded chunk is freed before the update is measured
 
     # the update of the chunk's rollout
     generator = torch.Generator().manual_seed(cfg.seed)

@@ -621,6 +621,7 @@ def preprocess(cfg: "Config", *, batch_size: int = DEFAULT_BATCH_SIZE, show_prog
     _fill(cache, adapter, mine, rank=rank, batch_size=batch_size, show_progress=show_progress)
     encoded = len(_gather([it.key for it in mine]))
     if started and dist.is_initialized():
+        _barrier()  # no rank tears its connections down while a peer still reads from them (a gloo abort at exit)
         dist.destroy_process_group()
     return PreprocessResult(folder=cache.folder.resolve(), entries=len(cache), encoded=encoded, items=len(items),
                             nbytes=cache.nbytes(), shards=len(list(cache.shards_dir.glob("*.safetensors"))),

@@ -24,6 +24,7 @@ from megaflow.data.prompts import PromptSet
 from megaflow.errors import ConfigError, DataError, ModelLoadError
 from megaflow.models import get_adapter, resolve_model_path
 from megaflow.models.base import Conditioning, ModelAdapter
+from megaflow.models.random_model import folder_transformer_loader
 from megaflow.monitor.progress import progress
 from megaflow.rewards import RewardSet
 from megaflow.sampling import flow_sigmas, step
@@ -74,8 +75,10 @@ def find_checkpoint(path: str | Path) -> Path:
 def load_model(cfg: Config, checkpoint: Path | None, device: torch.device, *, ema: bool = True) -> ModelAdapter:
     """The recipe's base model in fp32, with the checkpoint's LoRA or full transformer if given:
     its EMA weights when it has them and `ema`, else the trained ones (`weights_used`)."""
+    folder = resolve_model_path(cfg.model.path, cfg.model.family)
     adapter = get_adapter(cfg.model.family).from_pretrained(
-        resolve_model_path(cfg.model.path, cfg.model.family), dtype=torch.float32, device=device)
+        folder, dtype=torch.float32, device=device,
+        transformer_loader=folder_transformer_loader(folder, device, cfg.seed))
     if checkpoint is None:
         return adapter
     info = json.loads((checkpoint / COMPLETE_MARKER).read_text())

@@ -460,3 +460,19 @@ def random_transformer_loader(device: torch.device | str, *,
         return model.eval()
 
     return load
+
+
+def random_weights_seed(seed: int) -> int:
+    """The seed of a random folder's transformer weights for a run seeded `seed` (`cfg.seed`): the
+    same in every process, layout and command (train, export, eval)."""
+    from megaflow.seeds import derive_seed
+
+    return derive_seed(seed, "random_weights") % 2**62
+
+
+def folder_transformer_loader(folder: str | Path, device: torch.device | str,
+                              seed: int) -> Callable[[type, Path, torch.dtype], nn.Module] | None:
+    """The transformer loader `ModelAdapter.from_pretrained` needs for `folder`: the random-weight
+    one (seeded from the run's `seed`) for a random folder, whose transformer has no weights on
+    disk, else None (the folder's own weights)."""
+    return random_transformer_loader(device, seed=random_weights_seed(seed)) if is_random_folder(folder) else None

@@ -9,6 +9,7 @@ by default (`ema=False`, `megaflow export --no-ema`: the raw trained weights); a
 shards are assembled one tensor at a time as well (`megaflow.trainer.ema.read_ema`)."""
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -59,20 +60,34 @@ def consolidated_state(checkpoint: Path) -> LazyState:
     return {name: (lambda n=name: handle.get_tensor(n)) for name in handle.keys()}
 
 
+def base_tensor_shapes(transformer: Path) -> dict[str, tuple[int, ...]]:
+    """Name → shape of every tensor of a base model's `transformer/` folder: from its safetensors
+    headers, or, for a random folder (`model.path=random:...`, no weights on disk), from the model
+    its `config.json` builds on the meta device."""
+    from megaflow.models.random_model import is_random_folder, random_transformer_loader
+    from megaflow.models.streaming import open_weights
+
+    if is_random_folder(transformer.parent):
+        import diffusers
+
+        model_cls = getattr(diffusers, json.loads((transformer / "config.json").read_text())["_class_name"])
+        model = random_transformer_loader("meta")(model_cls, transformer, torch.float32)
+        return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    return {name: tuple(handle.get_slice(name).get_shape()) for name, handle in open_weights(transformer).items()}
+
+
 def _export_full(checkpoint: Path, state: LazyState, base_transformer: Path, output: Path) -> None:
     """`output/transformer/`: the checkpoint's config and its weights in the base model's tensor
     order, streamed one tensor at a time."""
-    from megaflow.models.streaming import TensorSpec, open_weights, write_safetensors_folder
+    from megaflow.models.streaming import TensorSpec, write_safetensors_folder
 
-    base = open_weights(base_transformer)
+    base = base_tensor_shapes(base_transformer)
     missing = [k for k in base if k not in state]
     extra = [k for k in state if k not in base]
     if missing or extra:
         raise ConfigError(f"checkpoint {checkpoint} does not hold the weights of the transformer in {base_transformer} "
                           f"(missing {missing[:3]}, unknown {extra[:3]}); export with the run's own config")
-    specs = {}
-    for name, handle in base.items():
-        specs[name] = TensorSpec(torch.float32, tuple(handle.get_slice(name).get_shape()))
+    specs = {name: TensorSpec(torch.float32, shape) for name, shape in base.items()}
     folder = output / "transformer"
     folder.mkdir(parents=True, exist_ok=True)
     config = checkpoint / "transformer" / "config.json"

@@ -27,7 +27,7 @@ from megaflow.data.images import load_image
 from megaflow.models import get_adapter, resolve_model_path
 from megaflow.models.base import Conditioning, ModelAdapter
 from megaflow.models.vae import configure_vae
-from megaflow.models.random_model import is_random_folder, random_transformer_loader
+from megaflow.models.random_model import folder_transformer_loader, is_random_folder, random_weights_seed
 from megaflow.monitor.progress import progress
 from megaflow.monitor.writer import MetricsWriter
 from megaflow.rewards import RewardSet
@@ -66,8 +66,8 @@ def load_adapter(cfg: Config, device: torch.device, transformer_loader: Any = No
     lora = cfg.model.lora
     transformer_dtype = frozen_dtype if lora else torch.float32
     folder = resolve_model_path(cfg.model.path, cfg.model.family)
-    if transformer_loader is None and is_random_folder(folder):
-        transformer_loader = random_transformer_loader(device, seed=random_weights_seed(cfg))
+    if transformer_loader is None:
+        transformer_loader = folder_transformer_loader(folder, device, cfg.seed)
     adapter = get_adapter(cfg.model.family).from_pretrained(
         folder, dtype=frozen_dtype, device=device, transformer_dtype=transformer_dtype,
         transformer_loader=transformer_loader, text_encoders=not cfg.data.text_cache)
@@ -84,11 +84,6 @@ def load_adapter(cfg: Config, device: torch.device, transformer_loader: Any = No
         adapter.enable_full_finetune(keep_reference=cfg.algorithm.kl_beta > 0 and cfg.parallel.zero_stage != 3,
                                      reference_dtype=frozen_dtype)
     return adapter
-
-
-def random_weights_seed(cfg: Config) -> int:
-    """The seed of a random folder's transformer weights: the same in every process and layout."""
-    return derive_seed(cfg.seed, "random_weights") % 2**62
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -161,7 +156,7 @@ class Trainer:
             if p.zero_stage == 3:
                 weightless = is_random_folder(resolve_model_path(cfg.model.path, cfg.model.family))
                 loader = zero3_transformer_loader(self.ds_config, weights=not weightless,
-                                                  seed=random_weights_seed(cfg))
+                                                  seed=random_weights_seed(cfg.seed))
         self.adapter = load_adapter(cfg, self.device, loader)
         configure_vae(self.adapter, cfg.model.vae_tiling, cfg.model.vae_slicing)
         self._build_parallel(loader, adamw if p.zero_stage > 0 else None)

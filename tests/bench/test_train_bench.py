@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from megaflow.bench.train import main
 from megaflow.models.flops import train_step_flops, transformer_flops
@@ -28,16 +27,6 @@ FIELDS = ("recipe", "family", "real_model", "scale", "video", "latent_shape", "v
           "plain_transformer_calls", "reward_status")
 PEAKS = ("peak_rollout_mib", "peak_plain_mib", "peak_update_mib", "peak_decode_mib")
 RATIOS = ("rollout_vs_plain", "update_vs_rollout")
-
-
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: the scaled models' ops are tiny, and on a busy 2-core machine two threads
-    wait for each other at every op."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def check_row(row, *, real_model, scale, family, steps, chunk, reward="ok"):

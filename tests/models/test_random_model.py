@@ -18,8 +18,8 @@ from megaflow.errors import ConfigError
 from megaflow.models import resolve_model_path
 from megaflow.models.real import REAL_MODELS
 from megaflow.models.random_model import (
-    RANDOM_MARKER, Scale, is_random_folder, random_model_folder, random_transformer_loader, real_model_of_recipe,
-    scaled_transformer_config,
+    RANDOM_MARKER, Scale, is_random_folder, random_model_folder, random_transformer_loader, random_weights_seed,
+    real_model_of_recipe, scaled_transformer_config,
 )
 
 #: The small scale the CPU tests use: 2 heads of 128, one or two blocks of each kind.
@@ -39,14 +39,7 @@ def _config_folder(path: Path, config: dict) -> Path:
     return path
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these models' ops are tiny, and with two threads on a busy 2-core machine
-    every op waits for the other thread (measured: the Hunyuan trainer iteration 27.7 s vs 1.7 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="session")
@@ -258,7 +251,7 @@ def test_a_real_depth_bf16_forward_stays_order_one(tmp_path):
 # ---- the trainer on random:NAME ----------------------------------------------------------------
 
 
-def _random_trainer(tmp_path: Path, recipe: str, name: str, frames: int):
+def _random_trainer(tmp_path: Path, recipe: str, name: str, frames: int, *extra: str):
     from megaflow.config import load_config
     from megaflow.trainer.loop import Trainer
 
@@ -270,7 +263,7 @@ def _random_trainer(tmp_path: Path, recipe: str, name: str, frames: int):
         "sampling.guidance_scale=1.0", "rollout.group_size=2", "rollout.chunk_size=2", "rollout.best_of=null",
         "rollout.gather_weights=false", "algorithm.timestep_fraction=0.5", "reward.components={brightness: 1.0}",
         "parallel.zero_stage=0", "parallel.sp_size=1", "parallel.hpz_partition_size=1", "train.micro_batch_size=2",
-        "train.grad_accum=null", "train.precision=fp32", "train.grad_checkpointing=0",
+        "train.grad_accum=null", "train.precision=fp32", "train.grad_checkpointing=0", *extra,
     ])
     return Trainer(cfg, show_progress=False)
 
@@ -280,24 +273,44 @@ def _random_trainer(tmp_path: Path, recipe: str, name: str, frames: int):
     ("hunyuan_t2v", "hunyuan_video_t2v", 1, False),
 ])
 def test_trainer_runs_an_iteration_on_a_random_model(tmp_path, random_cache, monkeypatch, recipe, name, frames, lora):
-    from megaflow.trainer.loop import random_weights_seed
+    """An iteration trains; its checkpoint exports, and `megaflow eval` loads the random base model
+    (the run's seed) and the checkpoint, although the random folder has no weights on disk."""
+    from megaflow.demo.evaluate import load_model
+    from megaflow.trainer.export import export_checkpoint
+    from megaflow.trainer.state import checkpoint_dir
 
     monkeypatch.setenv("MEGAFLOW_CACHE", str(random_cache))
-    trainer = _random_trainer(tmp_path, recipe, name, frames)
+    trainer = _random_trainer(tmp_path, recipe, name, frames, "train.save_every=1")
     assert trainer.cfg.model.lora is lora
     # The transformer is the random one of the run's seed (LoRA wraps the frozen base weights).
     folder = random_model_folder(name, SMALL, cache_root=random_cache)
     transformer = trainer.adapter.transformer
-    expected = random_transformer_loader("cpu", seed=random_weights_seed(trainer.cfg))(
+    expected = random_transformer_loader("cpu", seed=random_weights_seed(trainer.cfg.seed))(
         type(transformer), folder / "transformer", torch.float32).state_dict()
     got = {k.replace(".base_layer", ""): v for k, v in transformer.state_dict().items() if "lora_" not in k}
     assert got.keys() == expected.keys()
     assert all(torch.equal(got[k], expected[k]) for k in expected)
-    metrics = trainer.run_iteration(0)
+    [metrics] = trainer.train()
     assert metrics["policy/ratio_max_dev"] == 0.0  # on-policy first micro-step
     assert metrics["optim/grad_norm"] > 0 and all(
         torch.tensor(metrics[k]).isfinite() for k in ("loss/total", "optim/grad_norm", "reward/mean"))
     assert 0 <= metrics["reward/mean"] <= 1
+
+    trained = {k: p.detach() for k, p in transformer.named_parameters() if p.requires_grad}
+    checkpoint = checkpoint_dir(tmp_path, 1)
+    base = load_model(trainer.cfg, None, torch.device("cpu")).transformer.state_dict()
+    assert base.keys() == expected.keys() and all(torch.equal(base[k], expected[k]) for k in expected)
+    exported = export_checkpoint(checkpoint, tmp_path / "export")
+    evaluated = dict(load_model(trainer.cfg, checkpoint, torch.device("cpu"), ema=False).transformer.named_parameters())
+    if lora:
+        assert (exported / "pytorch_lora_weights.safetensors").is_file()
+        assert sum(".lora_B." in k for k in evaluated) == sum(".lora_B." in k for k in trained) > 0
+        return
+    written = type(transformer).from_pretrained(exported / "transformer").state_dict()
+    assert written.keys() == trained.keys() == evaluated.keys()
+    changed = [k for k in trained if not torch.equal(trained[k], expected[k])]
+    assert changed  # the update moved the weights, and both commands read the moved ones
+    assert all(torch.equal(written[k], trained[k]) and torch.equal(evaluated[k], trained[k]) for k in trained)
 
 
 # ---- ZeRO-3 -------------------------------------------------------------------------------------

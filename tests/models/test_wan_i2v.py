@@ -11,7 +11,7 @@ import json
 import shutil
 import types
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -40,13 +40,7 @@ FRAMES, HEIGHT, WIDTH = SIZE["frames"], SIZE["height"], SIZE["width"]
 RECORDS = [json.loads(line) for line in TINY_I2V_PROMPTS.read_text().splitlines()]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Intra-op threads only cost time on these tensors (and a lot on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

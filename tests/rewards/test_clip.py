@@ -39,14 +39,7 @@ PROMPTS = ["a red circle moving left", "a blue square moving up!"]
 UNIFORM4_OF_5 = [0, 1, 3, 4]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (the 2-core CI box is shared; 2 threads made each tiny matmul ~30x
-    slower under load, measured)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def videos(seed: int = 0, shape: tuple[int, ...] = (2, 5, 3, 24, 32)) -> torch.Tensor:
