@@ -18,13 +18,16 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from megaflow.config import Config, validate_config, validate_parallel
 from megaflow.errors import ConfigError
 from megaflow.models.flops import train_step_flops, transformer_flops, video_tokens
+
+if TYPE_CHECKING:
+    from megaflow.models.random_model import Scale
 
 GiB = 2**30
 _CLASS_FAMILY = {"WanTransformer3DModel": ("wan", "wan_i2v"), "HunyuanVideoTransformer3DModel": ("hunyuan", "skyreels_i2v"),
@@ -38,7 +41,8 @@ _DEPTH_KEYS = {"WanTransformer3DModel": ("num_layers",), "HunyuanVideoTransforme
 @dataclass
 class ModelShape:
     """What the plan needs of a model: transformer config, VAE factors, text / image token counts,
-    frozen-encoder parameter counts (None: unknown) and the folder (None: none on disk)."""
+    frozen-encoder parameter counts (None: unknown), the VAE's config and parameter count (the
+    folder's, else the family's released VAE) and the folder (None: none on disk)."""
 
     config: dict[str, Any]
     temporal: int
@@ -48,6 +52,7 @@ class ModelShape:
     encoders: dict[str, int | None]
     vae_params: int | None
     folder: Path | None
+    vae_config: dict[str, Any]
 
 
 def _safetensors_params(folder: Path) -> int | None:
@@ -90,7 +95,7 @@ def model_shape(cfg: Config) -> ModelShape:
         config = scaled_transformer_config(name, parsed)
         text = {"wan": WAN_TEXT_LENGTH, "wan_i2v": WAN_TEXT_LENGTH, "hunyuan": HUNYUAN_TEXT_LENGTH,
                 "skyreels_i2v": HUNYUAN_TEXT_LENGTH, "flux": T5_TEXT_LENGTH, "sd3": 77 + 128}[family]
-        return _shape(family, config, text, None)
+        return _shape(family, config, text, None, parsed)
     if path in ("tiny", "demo") or Path(path).is_dir():
         from megaflow.models import resolve_model_path
 
@@ -127,11 +132,15 @@ def _text_tokens(family: str, folder: Path) -> int:
     return 77 + max_len("tokenizer_3", 128)
 
 
-def _shape(family: str, config: dict[str, Any], text: int, folder: Path | None) -> ModelShape:
+def _shape(family: str, config: dict[str, Any], text: int, folder: Path | None,
+           scale: "Scale | None" = None) -> ModelShape:
+    """Without a folder, the VAE is the family's released one at `scale` (default: the real size)."""
+    from megaflow.models.random_model import Scale, released_vae_config
+
     cls = config.get("_class_name")
     if family not in _CLASS_FAMILY.get(cls, ()):
         raise ConfigError(f"the transformer class {cls} does not belong to model.family {family}")
-    vae = _read_json(folder / "vae" / "config.json") if folder else {}
+    vae = _read_json(folder / "vae" / "config.json") if folder else released_vae_config(family, scale or Scale())
     if family in ("wan", "wan_i2v"):
         temporal, spatial = int(vae.get("scale_factor_temporal", 4)), int(vae.get("scale_factor_spatial", 8))
     elif family in ("hunyuan", "skyreels_i2v"):
@@ -146,8 +155,17 @@ def _shape(family: str, config: dict[str, Any], text: int, folder: Path | None) 
              "hunyuan": ("text_encoder", "text_encoder_2"), "skyreels_i2v": ("text_encoder", "text_encoder_2"),
              "flux": ("text_encoder", "text_encoder_2"), "sd3": ("text_encoder", "text_encoder_2", "text_encoder_3")}
     encoders = {n: (_safetensors_params(folder / n) if folder else None) for n in names[family]}
-    return ModelShape(config, temporal, spatial, text, image, encoders,
-                      _safetensors_params(folder / "vae") if folder else None, folder)
+    vae_params = _safetensors_params(folder / "vae") if folder else _meta_params(vae) if vae.get("_class_name") else None
+    return ModelShape(config, temporal, spatial, text, image, encoders, vae_params, folder, vae)
+
+
+def _meta_params(config: dict[str, Any]) -> int:
+    """Parameters of the diffusers model `config` describes (`_class_name`), counted on the meta device."""
+    import diffusers
+
+    with torch.device("meta"):
+        model = getattr(diffusers, config["_class_name"])(**{k: v for k, v in config.items() if not k.startswith("_")})
+    return sum(p.numel() for p in model.parameters())
 
 
 def latent_shape(cfg: Config, shape: ModelShape) -> tuple[int, int, int, int]:
@@ -584,8 +602,12 @@ def _ds_buckets(cfg: Config) -> dict[str, int]:
 
 def estimate(cfg: Config, gpus: int, gpu_memory: float, *, recipe: str = "", shape: ModelShape | None = None,
              host_memory: float | None = None, gpus_per_node: int = 8, reserve: float = 0.1, mfu: float = 0.4,
-             peak_tflops: float = 989.0, _cache: dict | None = None) -> PlanReport:
-    """The plan of `cfg` on `gpus` ranks of `gpu_memory` GiB (no layout search)."""
+             peak_tflops: float = 989.0, convolution_workspace: bool = False,
+             _cache: dict | None = None) -> PlanReport:
+    """The plan of `cfg` on `gpus` ranks of `gpu_memory` GiB (no layout search).
+    `convolution_workspace`: count the unfolded-input (im2col) buffer CPU convolutions allocate
+    in the VAE decode (what a CPU run measures); GPU convolutions' bounded cuDNN workspaces fall
+    under `reserve` instead."""
     from megaflow.algorithms.registry import PlanContext, get_algorithm
 
     shape = shape or model_shape(cfg)
@@ -647,7 +669,7 @@ def estimate(cfg: Config, gpus: int, gpu_memory: float, *, recipe: str = "", sha
     cat = cond_row if use_cfg else 0       # velocity_shard's [negative, text] concatenation of the CFG batch
     update = t.micro_batch_size * cfg_mult * (kept + transient)      # the CFG inputs are among the saved tensors
     rollout = r.chunk_size * cfg_mult * (at(act.rollout, x) + cat)
-    decode = _decode_bytes(cfg, shape, cache)
+    decode = _decode_bytes(cfg, shape, cache, convolution_workspace)
     phases = {"update forward+backward": update, "rollout forward": rollout}
     if decode is not None:
         phases["VAE decode"] = decode
@@ -681,6 +703,9 @@ def estimate(cfg: Config, gpus: int, gpu_memory: float, *, recipe: str = "", sha
             notes.append(f"text encoders {', '.join(unknown)}: size unknown (no weights in the model folder)")
     if shape.vae_params is not None:
         device["VAE"] = shape.vae_params * frozen_itemsize
+        if shape.folder is None:
+            notes.append(f"VAE: the family's released {shape.vae_config['_class_name']} structure (no model folder "
+                         "on disk)")
     else:
         notes.append("VAE: weights' size unknown (no weights in the model folder)")
     where = "the rank's GPU" if cfg.reward.device == "same" else cfg.reward.device
@@ -773,25 +798,35 @@ def _conv_workspace_tracker() -> Any:
     return ConvWorkspaceTracker
 
 
-def _decode_bytes(cfg: Config, shape: ModelShape, cache: dict) -> float | None:
+def _decode_bytes(cfg: Config, shape: ModelShape, cache: dict, convolution_workspace: bool) -> float | None:
     """Peak bytes of decoding one rollout chunk (None: no VAE config to build it from): the VAE
     run on fake tensors for one sample with `model.vae_slicing` (else the whole chunk), tiled as
-    `model.vae_tiling` decides, plus the chunk's decoded videos and their [0, 1] copy."""
-    key = ("decode", cfg.model.vae_tiling, cfg.model.vae_slicing, cfg.rollout.chunk_size, cfg.train.precision)
-    if key in cache:
-        return cache[key]
-    vae_cfg = _read_json(shape.folder / "vae" / "config.json") if shape.folder else {}
+    `model.vae_tiling` decides, plus the chunk's decoded videos and their [0, 1] copy. One VAE run
+    per decode batch: a sliced decode prices every chunk size with the same run."""
+    vae_cfg = shape.vae_config
     if not vae_cfg.get("_class_name"):
-        return cache.setdefault(key, None)
+        return None
+    batch = 1 if cfg.model.vae_slicing else cfg.rollout.chunk_size
+    key = ("decode", cfg.model.vae_tiling, batch, cfg.train.precision, convolution_workspace)
+    if key not in cache:
+        cache[key] = _decode_run(cfg, shape, batch, convolution_workspace)
+    peak, video_bytes = cache[key]
+    return peak + 2 * video_bytes * cfg.rollout.chunk_size
+
+
+def _decode_run(cfg: Config, shape: ModelShape, batch: int, convolution_workspace: bool) -> tuple[int, int]:
+    """The peak bytes of the VAE decoding `batch` samples on fake tensors (with each convolution's
+    im2col buffer when `convolution_workspace`), and one decoded video's bytes."""
     import diffusers
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from megaflow.bench.memory import TensorMemoryTracker
     from megaflow.models.vae import VIDEO_VAE_FAMILIES, uses_tiling
 
+    vae_cfg = shape.vae_config
     family = cfg.model.family
     C, F, H, W = latent_shape(cfg, shape)
     C = int(vae_cfg.get("z_dim") or vae_cfg.get("latent_channels") or C)
-    batch = 1 if cfg.model.vae_slicing else cfg.rollout.chunk_size
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     with FakeTensorMode():
         with torch._C._DisableTorchDispatch():
@@ -809,12 +844,10 @@ def _decode_bytes(cfg: Config, shape: ModelShape, cache: dict) -> float | None:
         z = torch.randn((batch, C, F, H, W) if video else (batch, C, H, W), dtype=dtype)
         if video:
             vae.use_tiling = uses_tiling(vae, z.shape, cfg.model.vae_tiling)
-        tracker = _conv_workspace_tracker()("cpu")
+        tracker = (_conv_workspace_tracker() if convolution_workspace else TensorMemoryTracker)("cpu")
         with tracker, torch.no_grad():
             out = vae.decode(z, return_dict=False)[0]
-        one = tracker.peak
-        videos = out.nbytes * cfg.rollout.chunk_size / batch
-    return cache.setdefault(key, one + 2 * videos)
+    return tracker.peak, out.nbytes // batch
 
 
 def _block_counts(config: dict[str, Any]) -> tuple[int, ...]:

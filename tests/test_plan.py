@@ -59,7 +59,8 @@ def test_estimate_matches_a_measured_iteration(layout, tmp_path, plan_cache, mon
         p.grad = torch.zeros_like(p)
     trainer.optimizer.step()
     trainer.optimizer.zero_grad(set_to_none=True)
-    report = estimate(cfg, 1, 80)           # after the Trainer: the random folder exists, VAE known
+    # After the Trainer the random folder exists; CPU convolutions allocate their im2col buffers.
+    report = estimate(cfg, 1, 80, convolution_workspace=True)
     # Resident items: exactly the trainer's tensors.
     transformer = sum(t.nbytes for t in trainer.adapter.transformer.parameters())
     states = sum(t.nbytes for s in trainer.optimizer.state.values() for t in s.values() if t.dim() > 0)
@@ -143,3 +144,35 @@ def test_activations_are_linear_in_tokens(plan_cache, monkeypatch):
     for line, measured in ((act.saved[kind], point["saved"][kind]), (act.checkpointed[kind], point["ckpt"][kind]),
                            (act.base, point["base_saved"]), (act.rollout, point["rollout"])):
         assert math.isclose(line[0] + line[1] * x, measured, rel_tol=0.01), (line, x, measured)
+
+
+def test_without_the_model_folder_the_vae_is_priced_as_with_it(tmp_path, monkeypatch):
+    """No folder on disk (a real recipe before its download, `random:` before a run wrote it): the
+    plan prices the family's released VAE structure, exactly as the folder's own VAE; a sliced
+    decode prices every chunk size with one VAE run."""
+    from megaflow import plan as plan_module
+    from megaflow.models.random_model import Scale, random_model_folder, write_random_model
+
+    monkeypatch.setenv("MEGAFLOW_CACHE", str(tmp_path))
+    name, scale = "hunyuan_video_t2v", Scale(width=0.05, depth=0.04)
+    layout = [f"model.path=random:{name}@{scale.label}", "video.frames=9", "video.height=64", "video.width=64",
+              "parallel.sp_size=1", "parallel.hpz_partition_size=1", "rollout.gather_weights=false"]
+    cfg = load_config("hunyuan_t2v", layout)
+    runs = []
+    decode_run = plan_module._decode_run
+    monkeypatch.setattr(plan_module, "_decode_run", lambda *a: runs.append(a[2]) or decode_run(*a))
+    cache: dict = {}
+    without = plan_module.estimate(cfg, 1, 80, _cache=cache)
+    assert plan_module.model_shape(cfg).folder is None
+    assert any("released AutoencoderKLHunyuanVideo structure" in n for n in without.notes)
+    one_sample = load_config("hunyuan_t2v", [*layout, "rollout.chunk_size=1", "train.micro_batch_size=1"])
+    smaller = plan_module.estimate(one_sample, 1, 80, _cache=cache)
+    assert runs == [1]  # sliced: one sample's VAE run served both chunk sizes
+    decode = lambda report: report.assumptions["activation_phases_GiB"]["VAE decode"]
+    assert 0 < decode(smaller) < decode(without)
+
+    write_random_model(name, scale, random_model_folder(name, scale))
+    with_folder = plan_module.estimate(cfg, 1, 80)
+    assert plan_module.model_shape(cfg).folder is not None
+    assert with_folder.device["VAE"] == without.device["VAE"] > 0
+    assert decode(with_folder) == decode(without)

@@ -577,7 +577,7 @@ def frozen_dtype(cfg: "Config") -> torch.dtype:
 class PreprocessResult:
     folder: Path
     entries: int  #: entries in the cache after the run
-    encoded: int  #: items encoded by this run (all ranks)
+    encoded: int  #: entries this run added to the cache (all ranks)
     items: int  #: items of the recipe (prompts, negative prompt, images)
     nbytes: int  #: shard bytes on disk
     shards: int
@@ -616,12 +616,15 @@ def preprocess(cfg: "Config", *, batch_size: int = DEFAULT_BATCH_SIZE, show_prog
         cache.merge_index()
     _barrier()
     cache.reload()
+    before = len(cache)
     items = plan_items(prompts, cfg.data.negative_prompt, images=adapter.cached_image_key is not None)
     mine = find_missing(cache, items[rank::world], video=(cfg.video.height, cfg.video.width))
     _fill(cache, adapter, mine, rank=rank, batch_size=batch_size, show_progress=show_progress)
-    encoded = len(_gather([it.key for it in mine]))
+    # What all ranks added, from the merged index: no tensor collective is the last one before the
+    # process exits (gloo's worker threads may still release its Python-owned tensors while the
+    # interpreter shuts down, an abort at exit); barriers carry no Python tensors.
+    encoded = len(cache) - before
     if started and dist.is_initialized():
-        _barrier()  # no rank tears its connections down while a peer still reads from them (a gloo abort at exit)
         dist.destroy_process_group()
     return PreprocessResult(folder=cache.folder.resolve(), entries=len(cache), encoded=encoded, items=len(items),
                             nbytes=cache.nbytes(), shards=len(list(cache.shards_dir.glob("*.safetensors"))),

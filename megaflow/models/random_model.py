@@ -283,16 +283,43 @@ def _group_width(dim: int, width: float, groups: int) -> int:
     return max(groups, groups * round(dim * width / groups))
 
 
+def released_vae(family: str, scale: Scale = Scale()) -> nn.Module:
+    """The family's released VAE structure with widths × `scale.width` (`Scale()`: the real one),
+    built in the current device context (`torch.device("meta")`: shapes only):
+    Wan 2.1's `AutoencoderKLWan` (base width 96, a multiple of 8; RMS norms, no groups),
+    HunyuanVideo's `AutoencoderKLHunyuanVideo` (channels multiples of its 32 groups), or FLUX.1 /
+    SD3.5's `AutoencoderKL` (`_image_vae`)."""
+    if family in ("wan", "wan_i2v"):
+        from diffusers import AutoencoderKLWan
+
+        return AutoencoderKLWan(base_dim=_width(96, scale.width, 8))
+    if family in ("hunyuan", "skyreels_i2v"):
+        from diffusers import AutoencoderKLHunyuanVideo
+
+        return AutoencoderKLHunyuanVideo(block_out_channels=tuple(_group_width(c, scale.width, 32)
+                                                                  for c in (128, 256, 512, 512)))
+    if family in ("flux", "sd3"):
+        return _image_vae(family, scale)
+    raise ConfigError(f"no released VAE is known for model family '{family}'")
+
+
+def released_vae_config(family: str, scale: Scale = Scale()) -> dict[str, Any]:
+    """The `vae/config.json` of `released_vae(family, scale)` (`_class_name` included), without
+    allocating its weights."""
+    with torch.device("meta"):
+        vae = released_vae(family, scale)
+    return {"_class_name": type(vae).__name__, **vae.config}
+
+
 def _build_wan(config: dict[str, Any], scale: Scale, seed: int) -> DiffusionPipeline:
-    """Wan 2.1 T2V / I2V: the released `AutoencoderKLWan` (base width 96 × `width`, a multiple of 8;
-    its norms are RMS norms, no groups), a 1-layer UMT5
-    of width `text_dim`, and for I2V a 2-layer CLIP-vision encoder of width `image_dim` (257 tokens)."""
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanPipeline
+    """Wan 2.1 T2V / I2V: the released VAE (`released_vae`), a 1-layer UMT5 of width `text_dim`,
+    and for I2V a 2-layer CLIP-vision encoder of width `image_dim` (257 tokens)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanPipeline
 
     from megaflow.models.tiny import _build_tokenizer, _umt5
 
     tokenizer = _build_tokenizer(WAN_TEXT_LENGTH)
-    vae = _seeded_build(seed + 1, lambda: AutoencoderKLWan(base_dim=_width(96, scale.width, 8)))
+    vae = _seeded_build(seed + 1, lambda: released_vae("wan", scale))
     text_encoder = _seeded_build(seed + 2, lambda: _umt5(tokenizer, config["text_dim"], d_kv=16, d_ff=32,
                                                          num_layers=1, num_heads=1))
     parts = dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
@@ -311,19 +338,15 @@ def _build_wan(config: dict[str, Any], scale: Scale, seed: int) -> DiffusionPipe
 
 
 def _build_hunyuan(config: dict[str, Any], scale: Scale, seed: int) -> DiffusionPipeline:
-    """HunyuanVideo T2V / SkyReels-V1 I2V: the released `AutoencoderKLHunyuanVideo` (channels ×
-    `width`, multiples of its 32 groups), a 3-layer Llama of width `text_embed_dim` (the pipeline
-    reads `hidden_states[-3]`) and a 1-layer CLIP-L of width `pooled_projection_dim`."""
-    from diffusers import (
-        AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanSkyreelsImageToVideoPipeline,
-        HunyuanVideoPipeline,
-    )
+    """HunyuanVideo T2V / SkyReels-V1 I2V: the released VAE (`released_vae`), a 3-layer Llama of
+    width `text_embed_dim` (the pipeline reads `hidden_states[-3]`) and a 1-layer CLIP-L of width
+    `pooled_projection_dim`."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanSkyreelsImageToVideoPipeline, HunyuanVideoPipeline
 
     from megaflow.models.tiny import _build_clip_tokenizer, _build_tokenizer, _clip_text, _llama
 
     tokenizer, tokenizer_2 = _build_tokenizer(HUNYUAN_TEXT_LENGTH), _build_clip_tokenizer()
-    channels = tuple(_group_width(c, scale.width, 32) for c in (128, 256, 512, 512))
-    vae = _seeded_build(seed + 1, lambda: AutoencoderKLHunyuanVideo(block_out_channels=channels))
+    vae = _seeded_build(seed + 1, lambda: released_vae("hunyuan", scale))
     text_encoder = _seeded_build(seed + 2, lambda: _llama(tokenizer, config["text_embed_dim"], intermediate=32,
                                                           heads=1, head_dim=16))
     text_encoder_2 = _seeded_build(seed + 3, lambda: _clip_text(tokenizer_2, config["pooled_projection_dim"], layers=1,
@@ -358,7 +381,7 @@ def _build_flux(config: dict[str, Any], scale: Scale, seed: int) -> DiffusionPip
     from megaflow.models.tiny import _build_clip_tokenizer, _build_tokenizer, _clip_text, _t5
 
     tokenizer, tokenizer_2 = _build_clip_tokenizer(), _build_tokenizer(T5_TEXT_LENGTH)
-    vae = _seeded_build(seed + 1, lambda: _image_vae("flux", scale))
+    vae = _seeded_build(seed + 1, lambda: released_vae("flux", scale))
     text_encoder = _seeded_build(seed + 2, lambda: _clip_text(tokenizer, config["pooled_projection_dim"], layers=1,
                                                               heads=1, intermediate=32))
     text_encoder_2 = _seeded_build(seed + 3, lambda: _t5(tokenizer_2, config["joint_attention_dim"], d_kv=16, d_ff=32,
@@ -379,7 +402,7 @@ def _build_sd3(config: dict[str, Any], scale: Scale, seed: int) -> DiffusionPipe
 
     tokenizer, tokenizer_3 = _build_clip_tokenizer(), _build_tokenizer(T5_TEXT_LENGTH)
     pooled_l, pooled_g = (_width(p, scale.width) for p in _SD3_POOLED)
-    vae = _seeded_build(seed + 1, lambda: _image_vae("sd3", scale))
+    vae = _seeded_build(seed + 1, lambda: released_vae("sd3", scale))
     text_encoder = _seeded_build(seed + 2, lambda: _clip_text(tokenizer, 16, pooled_l, layers=1, heads=1,
                                                               intermediate=32))
     text_encoder_2 = _seeded_build(seed + 3, lambda: _clip_text(tokenizer, 16, pooled_g, layers=1, heads=1,
