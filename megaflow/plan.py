@@ -135,12 +135,19 @@ def _text_tokens(family: str, folder: Path) -> int:
 def _shape(family: str, config: dict[str, Any], text: int, folder: Path | None,
            scale: "Scale | None" = None) -> ModelShape:
     """Without a folder, the VAE is the family's released one at `scale` (default: the real size)."""
-    from megaflow.models.random_model import Scale, released_vae_config
+    from megaflow.models.random_model import Scale, released_vae
 
     cls = config.get("_class_name")
     if family not in _CLASS_FAMILY.get(cls, ()):
         raise ConfigError(f"the transformer class {cls} does not belong to model.family {family}")
-    vae = _read_json(folder / "vae" / "config.json") if folder else released_vae_config(family, scale or Scale())
+    if folder:
+        vae = _read_json(folder / "vae" / "config.json")
+        vae_params = _safetensors_params(folder / "vae")
+    else:
+        with torch.device("meta"):
+            released = released_vae(family, scale or Scale())
+        vae = {"_class_name": type(released).__name__, **released.config}
+        vae_params = sum(p.numel() for p in released.parameters())
     if family in ("wan", "wan_i2v"):
         temporal, spatial = int(vae.get("scale_factor_temporal", 4)), int(vae.get("scale_factor_spatial", 8))
     elif family in ("hunyuan", "skyreels_i2v"):
@@ -155,17 +162,7 @@ def _shape(family: str, config: dict[str, Any], text: int, folder: Path | None,
              "hunyuan": ("text_encoder", "text_encoder_2"), "skyreels_i2v": ("text_encoder", "text_encoder_2"),
              "flux": ("text_encoder", "text_encoder_2"), "sd3": ("text_encoder", "text_encoder_2", "text_encoder_3")}
     encoders = {n: (_safetensors_params(folder / n) if folder else None) for n in names[family]}
-    vae_params = _safetensors_params(folder / "vae") if folder else _meta_params(vae) if vae.get("_class_name") else None
     return ModelShape(config, temporal, spatial, text, image, encoders, vae_params, folder, vae)
-
-
-def _meta_params(config: dict[str, Any]) -> int:
-    """Parameters of the diffusers model `config` describes (`_class_name`), counted on the meta device."""
-    import diffusers
-
-    with torch.device("meta"):
-        model = getattr(diffusers, config["_class_name"])(**{k: v for k, v in config.items() if not k.startswith("_")})
-    return sum(p.numel() for p in model.parameters())
 
 
 def latent_shape(cfg: Config, shape: ModelShape) -> tuple[int, int, int, int]:
@@ -190,7 +187,8 @@ class ParamCounts:
     reference_bytes: int
 
 
-def _meta_transformer(config: dict[str, Any]) -> torch.nn.Module:
+def _meta_model(config: dict[str, Any]) -> torch.nn.Module:
+    """The diffusers model a `config.json` (`_class_name`) describes, on the meta device."""
     import diffusers
 
     cls = getattr(diffusers, config["_class_name"])
@@ -208,7 +206,7 @@ def count_parameters(cfg: Config, config: dict[str, Any]) -> ParamCounts:
     # the second block's parameters count once per block after the first.
     short = config["_class_name"] != "SD3Transformer2DModel"
     n_kinds = len(_DEPTH_KEYS[config["_class_name"]])
-    model = _meta_transformer({**_depth_config(config, (2,) * n_kinds), **{k: config[k] for k in ("num_refiner_layers",)
+    model = _meta_model({**_depth_config(config, (2,) * n_kinds), **{k: config[k] for k in ("num_refiner_layers",)
                                                                           if k in config}} if short else config)
     cls = type(model)
     depth = dict(zip(adapter_block_classes(cfg.model.family), _block_counts(config)))
@@ -449,7 +447,7 @@ def _meta_free_build(config: dict[str, Any], cfg: Config, dtype: torch.dtype) ->
     from megaflow.models.base import diffusers_param_dtype
 
     with torch._C._DisableTorchDispatch():
-        model = _meta_transformer(config)
+        model = _meta_model(config)
         if cfg.model.lora:
             from peft import LoraConfig
 
@@ -817,7 +815,6 @@ def _decode_bytes(cfg: Config, shape: ModelShape, cache: dict, convolution_works
 def _decode_run(cfg: Config, shape: ModelShape, batch: int, convolution_workspace: bool) -> tuple[int, int]:
     """The peak bytes of the VAE decoding `batch` samples on fake tensors (with each convolution's
     im2col buffer when `convolution_workspace`), and one decoded video's bytes."""
-    import diffusers
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from megaflow.bench.memory import TensorMemoryTracker
@@ -830,9 +827,7 @@ def _decode_run(cfg: Config, shape: ModelShape, batch: int, convolution_workspac
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     with FakeTensorMode():
         with torch._C._DisableTorchDispatch():
-            with torch.device("meta"):
-                vae = getattr(diffusers, vae_cfg["_class_name"])(
-                    **{k: v for k, v in vae_cfg.items() if not k.startswith("_")})
+            vae = _meta_model(vae_cfg)
         for module in vae.modules():
             for name, p in list(module._parameters.items()):
                 if p is not None:

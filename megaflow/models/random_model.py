@@ -303,14 +303,6 @@ def released_vae(family: str, scale: Scale = Scale()) -> nn.Module:
     raise ConfigError(f"no released VAE is known for model family '{family}'")
 
 
-def released_vae_config(family: str, scale: Scale = Scale()) -> dict[str, Any]:
-    """The `vae/config.json` of `released_vae(family, scale)` (`_class_name` included), without
-    allocating its weights."""
-    with torch.device("meta"):
-        vae = released_vae(family, scale)
-    return {"_class_name": type(vae).__name__, **vae.config}
-
-
 def _build_wan(config: dict[str, Any], scale: Scale, seed: int) -> DiffusionPipeline:
     """Wan 2.1 T2V / I2V: the released VAE (`released_vae`), a 1-layer UMT5 of width `text_dim`,
     and for I2V a 2-layer CLIP-vision encoder of width `image_dim` (257 tokens)."""
